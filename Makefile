@@ -1,0 +1,31 @@
+# Quick start targets. `make demo` trains and evaluates the ECLIPSE prior on the built-in shapes world;
+# `make test` runs the test suite. Both create ./.venv on first use.
+PY ?= python3
+VENV ?= .venv
+PYBIN := $(VENV)/bin/python
+WORKDIR ?= workdirs/eclipse_prior
+
+.PHONY: venv venv-test demo test bench clean
+
+$(VENV)/.core-installed: setup.cfg pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PYBIN) -m pip install -q --upgrade pip
+	$(PYBIN) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.core-installed
+	$(PYBIN) -m pip install -q torch==2.13.0
+	$(PYBIN) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.core-installed
+venv-test: $(VENV)/.test-installed
+
+demo: venv
+	$(PYBIN) -m diffusion_jax.main --config configs/eclipse_prior.py --workdir $(WORKDIR)
+
+test: venv-test
+	$(PYBIN) -m pytest -q -n 2 --dist loadfile tests
+
+clean:
+	rm -rf $(VENV) workdirs
