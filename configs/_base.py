@@ -1,0 +1,84 @@
+"""Shared defaults for every config file: `base_config()` returns the common keys the trainer reads.
+
+A task config starts from it and overrides what it needs:
+
+    from configs import _base
+    def get_config(arg=None):
+      config = _base.base_config()
+      config.experiment = "generation"
+      config.data.name = "shapes"
+      ...
+      return config
+
+Keys (see docs/readme/10_training.md for what each one does):
+  experiment, seed, dtype ("float32"|"bfloat16": compute dtype; params stay float32),
+  remat ("none"|"full"|"dots"|"dots_no_batch"), param_sharding ("replicated"|"fsdp"),
+  data.{name, batch_size (global), num_workers, prefetch, data_dir, ...},
+  model.{name, ...}, optim.{name, lr, b1, b2, eps, weight_decay, momentum, schedule, warmup_steps,
+  decay_steps, restart_period, min_lr_ratio, grad_clip, grad_accum},
+  train.{num_steps, log_every, ckpt_every, keep_ckpts, async_ckpt, sample_every, num_samples,
+  sample_with_ema, eval_every, ema_decays, progress_bar},
+  mesh.{data, fsdp, tensor}, sample.{...}, eval.{...}.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns a ConfigDict holding every key the generic trainer reads, with defaults."""
+  c = ml_collections.ConfigDict()
+  c.experiment = ""
+  c.seed = 0
+  c.dtype = "float32"
+  c.remat = "none"
+  c.param_sharding = "replicated"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""
+  c.data.batch_size = 32
+  c.data.num_workers = 0
+  c.data.prefetch = 2
+  c.data.data_dir = ""
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = ""
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"          # adamw | adam | sgd
+  c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.momentum = 0.9          # sgd only
+  c.optim.schedule = "constant"   # constant | cosine | warmup_cosine | cosine_restarts
+  c.optim.warmup_steps = 0
+  c.optim.decay_steps = 0         # 0 = train.num_steps
+  c.optim.restart_period = 0      # cosine_restarts: steps per cycle (0 = decay_steps // 4)
+  c.optim.min_lr_ratio = 0.0      # final lr = lr * min_lr_ratio for the cosine schedules
+  c.optim.grad_clip = 1.0         # global-norm clipping; 0 = off
+  c.optim.grad_accum = 1          # micro-batches per step (the global batch is split)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.log_every = 50
+  c.train.ckpt_every = 500
+  c.train.keep_ckpts = 3
+  c.train.async_ckpt = True
+  c.train.sample_every = 0        # 0 = off
+  c.train.num_samples = 16
+  c.train.sample_with_ema = True  # sample/evaluate with the first EMA copy
+  c.train.eval_every = 0          # 0 = at the end only
+  c.train.ema_decays = (0.9999,)
+  c.train.progress_bar = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.sample = ml_collections.ConfigDict()
+  c.eval = ml_collections.ConfigDict()
+  return c

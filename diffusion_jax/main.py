@@ -1,0 +1,116 @@
+"""Command line: train, sample or evaluate any experiment from a config file.
+
+  python -m diffusion_jax.main --config configs/<task>.py[:arg] --workdir DIR [--mode train|sample|eval]
+      [--config.some.key=value ...] [--multihost]
+
+`--config` is an ml_collections config file whose `get_config(arg)` returns the ConfigDict (`:arg` picks a
+variant such as `tiny`); `--config.key=value` overrides a key (an unknown key is an error). A run resumes
+from the latest checkpoint in DIR. On several hosts (TPU pod, SLURM) pass `--multihost` (or let the
+environment say so) so that `jax.distributed.initialize()` runs first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# Config files import `configs._base`: make the repository root (the current directory when run from a
+# clone) importable.
+for _p in (os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+  if _p not in sys.path:
+    sys.path.insert(0, _p)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg' (e.g. configs/x.py:tiny).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard, samples.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
+flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() (auto-detected under SLURM with "
+                  "several tasks, on multi-host TPU VMs, or when JAX_COORDINATOR_ADDRESS is set).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def _is_multihost() -> bool:
+  if FLAGS.multihost is not None:
+    return FLAGS.multihost
+  if any(os.environ.get(k) for k in _MULTIHOST_ENV):
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+    return True
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return len([h for h in hosts.split(",") if h]) > 1
+
+
+def _config_spec(argv) -> str:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
+
+
+def _bad_override(argv) -> str:
+  """Names the first `--config.key` override that does not exist in the config file, with valid keys."""
+  spec = _config_spec(argv)
+  if not spec:
+    return ""
+  from diffusion_jax.train.config_loading import load_config
+  try:
+    config = load_config(spec)
+  except Exception as e:  # the config file itself is broken.
+    return f"Could not load config {spec!r}: {type(e).__name__}: {e}"
+  for a in argv:
+    if not a.startswith("--config.") and not a.startswith("--noconfig."):
+      continue
+    key = a.split("=", 1)[0].split(".", 1)[1]
+    node, path = config, []
+    for part in key.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        valid = sorted(node.keys()) if hasattr(node, "keys") else []
+        where = "config" + "".join(f".{p}" for p in path)
+        return (f"Unknown config key --config.{key}: {where} has no key {part!r}. Valid keys of {where}: "
+                f"{', '.join(valid)}.")
+      node = node[part]
+      path.append(part)
+  return ""
+
+
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    msg = _bad_override(argv) or f"{type(e).__name__}: {e}"
+    print(f"FATAL: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax
+  if _is_multihost():
+    jax.distributed.initialize()
+  logging.info("JAX %s: process %d/%d, %d devices (%d local), platform %s.", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count(),
+               jax.devices()[0].platform)
+  from diffusion_jax.train import trainer
+  config = FLAGS.config
+  workdir = FLAGS.workdir
+  if FLAGS.mode == "train":
+    result = trainer.train(config, workdir)
+  elif FLAGS.mode == "sample":
+    result = trainer.sample(config, workdir)
+  else:
+    result = trainer.evaluate(config, workdir)
+  logging.info("Done (%s): %s", FLAGS.mode, json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,86 @@
+"""Orbax checkpoints: train state + grain iterator state + config JSON, keep-last-N, async.
+
+Layout: `DIR/checkpoints/<step>/{state, data, config}`. The state is restored against an abstract tree
+(`jax.ShapeDtypeStruct`s carrying the current run's shardings), so a checkpoint written on one mesh / device
+count restores onto another. Orbax writes into a temporary directory and renames it when complete, so a
+process killed mid-save leaves the previous checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import grain
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class _IteratorSnapshot:
+  """The iterator state captured at save time (the live iterator keeps moving while orbax writes async)."""
+
+  def __init__(self, iterator):
+    state = iterator.get_state()
+    self._state = state if isinstance(state, bytes) else json.dumps(state, indent=1).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+class _IteratorRestorer:
+  """Receives the saved state (bytes) from grain's handler and sets it on the live iterator."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def set_state(self, state: bytes):
+    if isinstance(self.iterator, grain.DatasetIterator):
+      state = json.loads(state.decode() if isinstance(state, bytes) else state)
+    self.iterator.set_state(state)
+
+  def start_prefetch(self):
+    fn = getattr(self.iterator, "start_prefetch", None)
+    if fn is not None:
+      fn()
+
+
+class Checkpointer:
+  def __init__(self, directory: str, keep: int = 3, use_async: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
+                                           enable_async_checkpointing=bool(use_async))
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def all_steps(self):
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: Any, config_dict: dict) -> bool:
+    args = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict))
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
+    return self.manager.save(int(step), args=ocp.args.Composite(**args), force=True)
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any = None):
+    """Returns (state, saved_config_dict). Sets `data_iterator` to its saved position when possible."""
+    out = self.manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
+    if data_iterator is not None:
+      try:
+        self.manager.restore(int(step), args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iterator))))
+      except (ValueError, FileNotFoundError, KeyError) as e:
+        # E.g. saved by a different number of hosts (one iterator file per host).
+        logging.warning("Could not restore the data iterator state of step %d (%s); the input pipeline "
+                        "restarts from its beginning.", step, e)
+    return out["state"], out["config"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

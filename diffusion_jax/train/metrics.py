@@ -1,0 +1,137 @@
+"""Metric accumulation (clu.metrics) and writers: DIR/metrics.jsonl, TensorBoard event files, console.
+
+`clu.metric_writers` needs TensorFlow, which this project does not depend on, so the writers here are a
+JSONL file plus `tensorboardX`. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, Optional
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metrics as clu_metrics
+
+
+class Accumulator:
+  """Averages every scalar metric between two logs with `clu.metrics.Average` (on device, no host sync)."""
+
+  def __init__(self):
+    self._avg: Dict[str, clu_metrics.Average] = {}
+    self._losses = []  # (step, on-device loss) since the last check: to name the first non-finite step.
+
+  def update(self, step: int, metrics: Dict[str, Any]):
+    for k, v in metrics.items():
+      m = clu_metrics.Average.from_model_output(v)
+      self._avg[k] = self._avg[k].merge(m) if k in self._avg else m
+    if "loss" in metrics:
+      self._losses.append((step, metrics["loss"]))
+
+  def first_non_finite(self) -> Optional[tuple]:
+    """(step, value) of the first non-finite loss since the last `reset`, else None (syncs with device)."""
+    if not self._losses:
+      return None
+    vals = np.asarray(jax.device_get([v for _, v in self._losses]), dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(vals))
+    if bad.size:
+      return self._losses[bad[0]][0], float(vals[bad[0]])
+    self._losses = []  # all good so far: no need to look at them again.
+    return None
+
+  def compute(self) -> Dict[str, float]:
+    return {k: float(jax.device_get(m.compute())) for k, m in self._avg.items()}
+
+  def reset(self):
+    self._avg = {}
+    self._losses = []
+
+  def __bool__(self):
+    return bool(self._avg)
+
+
+def _jsonable(v):
+  if isinstance(v, (np.floating, np.integer)):
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+class MetricWriter:
+  """Writes scalar dicts to `workdir/metrics.jsonl`, TensorBoard (`workdir/`) and the console."""
+
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled and tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+      except Exception as e:  # pragma: no cover - tensorboardX is a core dependency.
+        logging.warning("TensorBoard writer unavailable (%s); writing metrics.jsonl only.", e)
+
+  def truncate_after(self, step: int):
+    """Drops rows with `step` > `step` (a resumed run rewrites them; keeps the file one row per step)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      rows = [line for line in f if line.strip()]
+    kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+    if len(kept) != len(rows):
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+
+  def write(self, step: int, scalars: Dict[str, Any], console: bool = True):
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if isinstance(v, (int, float, np.floating, np.integer)):
+          self._tb.add_scalar(k, float(v), int(step))
+    if console:
+      logging.info("step %d: %s", step, ", ".join(
+          f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items()))
+
+  def write_image(self, step: int, tag: str, image: np.ndarray):
+    if self._tb is not None:
+      self._tb.add_image(tag, np.asarray(image), int(step), dataformats="HWC")
+
+  def flush(self):
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def image_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 1) -> np.ndarray:
+  """[N, H, W, 3] floats in [0, 1] -> one uint8 grid image."""
+  images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  n, h, w, c = images.shape
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.float32)
+  for i in range(n):
+    r, col = divmod(i, ncols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = images[i]
+  return (grid * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_png(path: str, image: np.ndarray):
+  from PIL import Image
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(image).save(path)
