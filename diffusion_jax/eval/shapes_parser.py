@@ -242,28 +242,27 @@ def _find(objs: Sequence[ParsedObject], shape: str, colour: str) -> Optional[Par
   return None
 
 
-def class_accuracy(images, labels, cfg=None, value_range: str = "auto") -> float:
-  """Fraction of images whose main (largest) parsed object has class `labels[i]` (shape * 7 + colour)."""
-  parsed, _ = _parse_all(images, cfg, value_range)
+def _check_len(name: str, parsed, other, what: str):
+  if len(other) != len(parsed):
+    raise ValueError(f"{name} got {len(parsed)} images but {len(other)} {what}.")
+
+
+def class_accuracy_parsed(parsed: Sequence[Sequence[ParsedObject]], labels) -> float:
+  """`class_accuracy` on already parsed images."""
   labels = np.asarray(labels).reshape(-1)
-  if len(labels) != len(parsed):
-    raise ValueError(f"class_accuracy got {len(parsed)} images but {len(labels)} labels.")
+  _check_len("class_accuracy", parsed, labels, "labels")
   hits = [(m := main_object(p)) is not None and m.label == int(l) for p, l in zip(parsed, labels)]
   return float(np.mean(hits)) if hits else float("nan")
 
 
-def binding_scores(images, scenes, cfg=None, value_range: str = "auto") -> Dict[str, float]:
-  """Colour/shape binding of generated images against the scenes they were conditioned on.
+def class_accuracy(images, labels, cfg=None, value_range: str = "auto") -> float:
+  """Fraction of images whose main (largest) parsed object has class `labels[i]` (shape * 7 + colour)."""
+  return class_accuracy_parsed(_parse_all(images, cfg, value_range)[0], labels)
 
-  Returns ``binding`` (fraction of scene objects with a parsed object of the same shape *and* colour),
-  ``binding_given_shape`` (same, among scene objects whose shape was found at all), ``shape_recall``,
-  ``colour_recall`` (the shape / the colour appears on some parsed object) and ``scene_binding`` (fraction of
-  scenes with every object bound).
-  """
-  parsed, size = _parse_all(images, cfg, value_range)
-  scenes = _as_scenes(scenes, size)
-  if len(scenes) != len(parsed):
-    raise ValueError(f"binding_scores got {len(parsed)} images but {len(scenes)} scenes.")
+
+def binding_scores_parsed(parsed: Sequence[Sequence[ParsedObject]], scenes: Sequence[S.Scene]) -> Dict[str, float]:
+  """`binding_scores` on already parsed images and a list of `Scene`s."""
+  _check_len("binding_scores", parsed, scenes, "scenes")
   bound, shape_found, colour_found, scene_ok = [], [], [], []
   for objs, scene in zip(parsed, scenes):
     ok_all = True
@@ -275,6 +274,8 @@ def binding_scores(images, scenes, cfg=None, value_range: str = "auto") -> Dict[
       ok_all &= b
     scene_ok.append(ok_all)
   bound, shape_found = np.array(bound, bool), np.array(shape_found, bool)
+  if not bound.size:
+    raise ValueError("binding_scores needs at least one scene object.")
   return {
       "binding": float(bound.mean()),
       "binding_given_shape": float(bound[shape_found].mean()) if shape_found.any() else 0.0,
@@ -284,17 +285,26 @@ def binding_scores(images, scenes, cfg=None, value_range: str = "auto") -> Dict[
   }
 
 
+def binding_scores(images, scenes, cfg=None, value_range: str = "auto") -> Dict[str, float]:
+  """Colour/shape binding of generated images against the scenes they were conditioned on.
+
+  Returns ``binding`` (fraction of scene objects with a parsed object of the same shape *and* colour),
+  ``binding_given_shape`` (same, among scene objects whose shape was found at all), ``shape_recall``,
+  ``colour_recall`` (the shape / the colour appears on some parsed object) and ``scene_binding`` (fraction of
+  scenes with every object bound).
+  """
+  parsed, size = _parse_all(images, cfg, value_range)
+  return binding_scores_parsed(parsed, _as_scenes(scenes, size))
+
+
 def _relation_holds(rel: str, a: ParsedObject, b: ParsedObject) -> bool:
   return {"left of": a.cx < b.cx, "right of": a.cx > b.cx,
           "above": a.cy < b.cy, "below": a.cy > b.cy}[rel]
 
 
-def relation_accuracy(images, scenes, cfg=None, value_range: str = "auto") -> float:
-  """Over scenes with >= 2 objects: objects 0 and 1 found (shape + colour) and in the asked relation."""
-  parsed, size = _parse_all(images, cfg, value_range)
-  scenes = _as_scenes(scenes, size)
-  if len(scenes) != len(parsed):
-    raise ValueError(f"relation_accuracy got {len(parsed)} images but {len(scenes)} scenes.")
+def relation_accuracy_parsed(parsed: Sequence[Sequence[ParsedObject]], scenes: Sequence[S.Scene]) -> float:
+  """`relation_accuracy` on already parsed images and a list of `Scene`s (nan if no scene has 2 objects)."""
+  _check_len("relation_accuracy", parsed, scenes, "scenes")
   hits = []
   for objs, scene in zip(parsed, scenes):
     if len(scene.objects) < 2:
@@ -305,6 +315,18 @@ def relation_accuracy(images, scenes, cfg=None, value_range: str = "auto") -> fl
   return float(np.mean(hits)) if hits else float("nan")
 
 
+def relation_accuracy(images, scenes, cfg=None, value_range: str = "auto") -> float:
+  """Over scenes with >= 2 objects: objects 0 and 1 found (shape + colour) and in the asked relation."""
+  parsed, size = _parse_all(images, cfg, value_range)
+  return relation_accuracy_parsed(parsed, _as_scenes(scenes, size))
+
+
+def count_accuracy_parsed(parsed: Sequence[Sequence[ParsedObject]], counts: Sequence[int]) -> float:
+  """`count_accuracy` on already parsed images and integer counts."""
+  _check_len("count_accuracy", parsed, counts, "counts")
+  return float(np.mean([len(p) == int(c) for p, c in zip(parsed, counts)]))
+
+
 def count_accuracy(images, counts, cfg=None, value_range: str = "auto") -> float:
   """Fraction of images with as many parsed objects as asked (`counts`: ints, scenes or object arrays)."""
   parsed, size = _parse_all(images, cfg, value_range)
@@ -312,9 +334,18 @@ def count_accuracy(images, counts, cfg=None, value_range: str = "auto") -> float
     counts = [len(s.objects) for s in _as_scenes(counts, size)]
   else:
     counts = [len(c.objects) if isinstance(c, S.Scene) else int(c) for c in counts]
-  if len(counts) != len(parsed):
-    raise ValueError(f"count_accuracy got {len(parsed)} images but {len(counts)} counts.")
-  return float(np.mean([len(p) == c for p, c in zip(parsed, counts)]))
+  return count_accuracy_parsed(parsed, counts)
+
+
+def score_all(images, scenes, cfg=None, value_range: str = "auto") -> Dict[str, float]:
+  """Class, binding, relation and count scores of images against their scenes, parsing once."""
+  parsed, size = _parse_all(images, cfg, value_range)
+  scenes = _as_scenes(scenes, size)
+  out = {"class_accuracy": class_accuracy_parsed(parsed, [s.label for s in scenes]),
+         "relation_accuracy": relation_accuracy_parsed(parsed, scenes),
+         "count_accuracy": count_accuracy_parsed(parsed, [len(s.objects) for s in scenes])}
+  out.update(binding_scores_parsed(parsed, scenes))
+  return out
 
 
 def parsed_maps(images, cfg=None, value_range: str = "auto") -> Dict[str, np.ndarray]:
@@ -379,12 +410,3 @@ def map_consistency(images, maps, kind: str, cfg=None, value_range: str = "auto"
       scores.append(0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec))
   return float(np.mean(scores))
 
-
-def score_all(images, scenes, cfg=None, value_range: str = "auto") -> Dict[str, float]:
-  """All image-vs-scene scores in one dict (class, binding, relation, count); parses once per call each."""
-  scenes_l = _as_scenes(scenes, np.asarray(images).shape[-2])
-  out = {"class_accuracy": class_accuracy(images, [s.label for s in scenes_l], cfg, value_range),
-         "relation_accuracy": relation_accuracy(images, scenes_l, cfg, value_range),
-         "count_accuracy": count_accuracy(images, scenes_l, cfg, value_range)}
-  out.update(binding_scores(images, scenes_l, cfg, value_range))
-  return out
