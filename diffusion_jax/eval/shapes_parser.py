@@ -17,8 +17,9 @@ Algorithm (exact on clean generated images, see the tests):
    shape at most 0.81.
 
 Image inputs: uint8 [H, W, 3] in [0, 255], or float [H, W, 3] in [0, 1] or [-1, 1].
-``value_range="auto"`` (default) treats a float image (or batch) with any value below -1e-3 as [-1, 1],
-otherwise as [0, 1]; pass ``value_range="0,1"`` or ``"-1,1"`` to be explicit. Floats are clipped to range.
+``value_range="auto"`` (default) treats a float image (or batch) with any value below -0.25 as [-1, 1] (a
+shapes-world image in [-1, 1] has a background near -1), otherwise as [0, 1], so small negative overshoot of
+a [0, 1] sampler stays [0, 1]; pass ``value_range="0,1"`` or ``"-1,1"`` to be explicit. Floats are clipped.
 
 Scores (each takes a batch of images and the conditioning it was generated from; scenes are `shapes.Scene`
 objects, or the int32 ``objects`` arrays [B, M, 6] of the example dicts):
@@ -83,7 +84,7 @@ def to_unit_float(images: np.ndarray, value_range: str = "auto") -> np.ndarray:
   if not np.issubdtype(x.dtype, np.floating):
     raise ValueError(f"Images must be uint8 or float, got dtype {x.dtype}.")
   x = x.astype(np.float32)
-  if value_range == "-1,1" or (value_range == "auto" and x.size and np.nanmin(x) < -1e-3):
+  if value_range == "-1,1" or (value_range == "auto" and x.size and np.nanmin(x) < -0.25):
     x = (x + 1.0) / 2.0
   return np.clip(np.nan_to_num(x), 0.0, 1.0)
 

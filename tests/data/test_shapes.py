@@ -191,6 +191,11 @@ def test_config_errors():
   with pytest.raises(ValueError, match="Valid keys"):
     S.ShapesConfig.from_dict({"image_sise": 32})
   assert S.ShapesConfig.from_dict({"image_size": 64}).image_size == 64
+  ml_collections = pytest.importorskip("ml_collections")
+  cd = ml_collections.ConfigDict({"image_size": 64, "max_objects": 2, "background": [10, 20, 30]})
+  c = S.ShapesConfig.from_dict(cd)
+  assert (c.image_size, c.max_objects, c.background) == (64, 2, (10, 20, 30))
+  assert hash(c) == hash(S.ShapesConfig.from_dict(cd))
   with pytest.raises(ValueError, match="min_objects"):
     S.ShapesConfig(min_objects=3, max_objects=2)
   with pytest.raises(ValueError, match="lowres_factor"):

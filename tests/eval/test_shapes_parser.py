@@ -59,10 +59,22 @@ def test_parse_single_and_value_ranges():
     assert sorted(map(_key, P.parse(x, cfg))) == want
   assert sorted(map(_key, P.parse(f01, cfg, value_range="0,1"))) == want
   assert sorted(map(_key, P.parse(fm11, cfg, value_range="-1,1"))) == want
+  # A [0, 1] image with slight negative overshoot is still read as [0, 1].
+  overshoot = f01 - 0.02
+  overshoot[f01 > 0] = 1.02
+  assert sorted(map(_key, P.parse(overshoot, cfg))) == want
   with pytest.raises(ValueError, match="Valid value_range"):
     P.parse(img, cfg, value_range="0-255")
   with pytest.raises(ValueError, match="parse_batch"):
     P.parse(img[None])
+
+
+def test_non_black_background():
+  cfg = S.ShapesConfig(background=(60, 60, 90))
+  exs, images, scenes = _examples(4, 60, cfg)
+  assert (images[0][exs[0]["instances"] == 0] == (60, 60, 90)).all()
+  for scene, objs in zip(scenes, P.parse_batch(images, cfg)):
+    assert sorted(map(_key, objs)) == sorted(map(_key, scene.objects))
 
 
 def test_degrades_gracefully_with_noise():
