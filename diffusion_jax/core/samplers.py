@@ -191,18 +191,23 @@ def ddpm_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, predicti
   check_choice("DDPM variance type", variance_type, VARIANCE_TYPES)
   T = schedule.num_train_timesteps
   ts = spacing_timesteps(T, num_steps, timestep_spacing, steps_offset, variant="ddpm")
-  ac = schedule.alphas_cumprod
+  # Coefficients in float32 with diffusers' operation order (the schedule is float32 there), so that the
+  # sampler reproduces DDPMScheduler to float32 round-off.
+  ac = schedule.alphas_cumprod.astype(np.float32)
+  one = np.float32(1.0)
   prev = np.concatenate([ts[1:], [-1]])
   a_t = ac[ts]
-  a_p = np.where(prev >= 0, ac[np.maximum(prev, 0)], 1.0)
-  beta = 1.0 - a_t / a_p
-  var_small = np.maximum((1.0 - a_p) / (1.0 - a_t) * beta, 1e-20)
+  a_p = np.where(prev >= 0, ac[np.maximum(prev, 0)], one).astype(np.float32)
+  b_t, b_p = one - a_t, one - a_p
+  cur_alpha = a_t / a_p
+  beta = one - cur_alpha
+  var_small = np.maximum(b_p / b_t * beta, np.float32(1e-20))
   with np.errstate(divide="ignore"):
-    log_beta = np.log(np.maximum(beta, 1e-38))
-  co = _np32(dict(t=ts, alpha=np.sqrt(a_t), sigma=np.sqrt(1.0 - a_t),
-                  c0=np.sqrt(a_p) * beta / (1.0 - a_t), c1=np.sqrt(1.0 - beta) * (1.0 - a_p) / (1.0 - a_t),
-                  std_small=np.sqrt(var_small), std_large=np.sqrt(beta), log_var_small=np.log(var_small),
-                  log_beta=log_beta, nonzero=(ts > 0).astype(np.float64)))
+    log_beta = np.log(np.maximum(beta, np.float32(1e-38)))
+  co = _np32(dict(t=ts, alpha=a_t ** 0.5, sigma=b_t ** 0.5,
+                  c0=a_p ** 0.5 * beta / b_t, c1=cur_alpha ** 0.5 * b_p / b_t,
+                  std_small=var_small ** 0.5, std_large=beta ** 0.5, log_var_small=np.log(var_small),
+                  log_beta=log_beta, nonzero=(ts > 0).astype(np.float32)))
   st, gscale = _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_schedule, guidance_power,
                                 guidance_channels, T, (variance_type, None if clip_sample is None else float(clip_sample)))
   keys, step_noise = _step_keys(rng, len(ts), step_noise, x_T.shape, "ddpm_sample")
@@ -249,14 +254,15 @@ def ddim_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, predicti
   param_lib.check_prediction_type(prediction_type)
   T = schedule.num_train_timesteps
   ts = spacing_timesteps(T, num_steps, timestep_spacing, steps_offset, variant="ddpm")
-  ac = schedule.alphas_cumprod
+  ac = schedule.alphas_cumprod.astype(np.float32)
+  one = np.float32(1.0)
   prev = ts - T // num_steps
-  final = 1.0 if set_alpha_to_one else ac[0]
+  final = one if set_alpha_to_one else ac[0]
   a_t = ac[ts]
-  a_p = np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
-  var = (1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p)
-  co = _np32(dict(t=ts, alpha=np.sqrt(a_t), sigma=np.sqrt(1.0 - a_t), alpha_prev=np.sqrt(a_p),
-                  one_minus_a_prev=1.0 - a_p, std1=np.sqrt(np.maximum(var, 0.0))))
+  a_p = np.where(prev >= 0, ac[np.maximum(prev, 0)], final).astype(np.float32)
+  var = (one - a_p) / (one - a_t) * (one - a_t / a_p)
+  co = _np32(dict(t=ts, alpha=a_t ** 0.5, sigma=(one - a_t) ** 0.5, alpha_prev=a_p ** 0.5,
+                  one_minus_a_prev=one - a_p, std1=np.maximum(var, 0.0) ** 0.5))
   stochastic = not (isinstance(eta, (int, float)) and float(eta) == 0.0)
   st, gscale = _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_schedule, guidance_power,
                                 guidance_channels, T, (None if clip_sample is None else float(clip_sample), stochastic))

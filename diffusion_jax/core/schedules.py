@@ -140,14 +140,16 @@ def _cosine(T, beta_start, beta_end, max_beta=0.999, s=0.008):
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
   """Rescales betas so that the last timestep has zero SNR (Lin et al. 2023, "Common diffusion noise
-  schedules and sample steps are flawed", Algorithm 1)."""
-  betas = np.asarray(betas, np.float64)
-  abar_sqrt = np.sqrt(np.cumprod(1.0 - betas))
+  schedules and sample steps are flawed", Algorithm 1). float32 arithmetic, as diffusers does it."""
+  betas = np.asarray(betas, np.float32)
+  alphas = (np.float32(1.0) - betas).astype(np.float32)
+  abar_sqrt = np.sqrt(np.cumprod(alphas.astype(np.float64)).astype(np.float32))
   a0, aT = abar_sqrt[0], abar_sqrt[-1]
-  abar_sqrt = (abar_sqrt - aT) * (a0 / (a0 - aT))
-  abar = abar_sqrt ** 2
-  alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
-  return _f32(1.0 - alphas)
+  abar_sqrt = (abar_sqrt - aT).astype(np.float32)
+  abar_sqrt = (abar_sqrt * (a0 / (a0 - aT))).astype(np.float32)
+  abar = (abar_sqrt ** 2).astype(np.float32)
+  alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]]).astype(np.float32)
+  return (np.float32(1.0) - alphas).astype(np.float32)
 
 
 def make_schedule(name: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
