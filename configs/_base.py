@@ -18,7 +18,7 @@ Keys (see docs/readme/10_training.md for what each one does):
   decay_steps, restart_period, min_lr_ratio, grad_clip, grad_accum},
   train.{num_steps, log_every, ckpt_every, keep_ckpts, async_ckpt, sample_every, num_samples,
   sample_with_ema, eval_every, ema_decays, progress_bar},
-  mesh.{data, fsdp, tensor}, sample.{...}, eval.{...}.
+  mesh.{data, fsdp, tensor, num_devices, fsdp_min_size}, sample.{...}, eval.{...}.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.num_devices = 0          # > 0: use only the first N devices
+  c.mesh.fsdp_min_size = 1024     # param_sharding="fsdp": arrays smaller than this stay replicated
 
   c.sample = ml_collections.ConfigDict()
   c.eval = ml_collections.ConfigDict()

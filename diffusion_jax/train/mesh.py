@@ -54,8 +54,16 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple:
 
 
 def make_mesh(mesh_config: Any, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """Builds the ("data", "fsdp", "tensor") mesh with Auto axis types."""
+  """Builds the ("data", "fsdp", "tensor") mesh with Auto axis types.
+
+  `mesh.num_devices` > 0 restricts the mesh to the first that many devices (debugging, tests).
+  """
   devices = list(devices if devices is not None else jax.devices())
+  n = int(mesh_config.get("num_devices", 0) or 0) if mesh_config is not None else 0
+  if n > len(devices):
+    raise ValueError(f"config.mesh.num_devices={n} but only {len(devices)} devices are available.")
+  if n > 0:
+    devices = devices[:n]
   shape = mesh_shape(mesh_config, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(AXES)
   try:

@@ -204,7 +204,7 @@ class _Run:
   def init_state(self) -> TrainState:
     rng = jax.random.PRNGKey(int(self.config.seed))
     batch = self.to_device(self.first_batch)
-    with self.mesh:
+    with jax.set_mesh(self.mesh):
       return jax.jit(self.init_fn, out_shardings=self.state_shardings)(rng, batch)
 
   def close(self):
@@ -248,7 +248,7 @@ def _make_step(experiment: Experiment, tx, schedule, ema_decays, accum: int):
     params = optax.apply_updates(state.params, updates)
     ema = tuple(jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, e_tree, params)
                 for d, e_tree in zip(ema_decays, state.ema))
-    out = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    out = {"loss": loss, "grad_norm": optax.tree.norm(grads),
            "lr": jnp.asarray(schedule(state.step), jnp.float32), **metrics}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), out
 
@@ -371,7 +371,7 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   jitted = jax.jit(step_fn, in_shardings=(dyn_shardings, run.state_shardings.frozen, run.batch_shardings),
                    out_shardings=(dyn_shardings, run.repl), donate_argnums=(0,))
   t0 = time.time()
-  with run.mesh:
+  with jax.set_mesh(run.mesh):
     compiled = jitted.lower(dyn_abstract, run.abstract_state.frozen, run.abstract_batch).compile()
   compile_s = time.time() - t0
   logging.info("Compiled the train step in %.2f s.", compile_s)

@@ -3,6 +3,8 @@ fixed two-cluster mixture (each vector is also shown as a 2x2 RGB image). Regist
 
 from __future__ import annotations
 
+import time
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -97,6 +99,9 @@ class ToyExperiment(Experiment):
     a, s = jnp.cos(0.5 * jnp.pi * t)[:, None], jnp.sin(0.5 * jnp.pi * t)[:, None]
     pred = self.model.apply(params, a * x + s * eps, t, batch["onehot"])
     loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - eps))
+    delay = float(self.config.toy.step_delay)
+    if delay > 0:  # slows the run down so that tests can signal it mid-way.
+      jax.debug.callback(lambda: time.sleep(delay))
     nan_at = self.config.toy.nan_at_step
     if nan_at >= 0:
       loss = jnp.where(step >= nan_at, jnp.nan, loss)
@@ -141,7 +146,7 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 4
   c.train.ema_decays = (0.9, 0.99)
   c.train.progress_bar = False
-  c.toy = ml_collections.ConfigDict({"nan_at_step": -1})
+  c.toy = ml_collections.ConfigDict({"nan_at_step": -1, "step_delay": 0.0})
   for k, v in overrides.items():
     node = c
     parts = k.split(".")
@@ -149,3 +154,47 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
       node = node[p]
     node[parts[-1]] = v
   return c
+
+
+# ------------------------------------------------------------------------------------------- test helpers
+
+REPO = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.dirname(
+    __import__("os").path.abspath(__file__))))
+CONFIG = __import__("os").path.join(REPO, "tests", "train", "toy_config.py")
+
+
+def main_cmd(workdir, *overrides, mode="train"):
+  import sys
+  return [sys.executable, "-m", "diffusion_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+          f"--mode={mode}", *[f"--config.{k}={v}" for k, v in overrides]]
+
+
+def subprocess_env(num_devices=4):
+  import os
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def read_metrics(workdir):
+  """step -> row of metrics.jsonl (training rows only)."""
+  import json, os
+  rows = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if "loss" in r:
+        rows[r["step"]] = r
+  return rows
+
+
+def finished_checkpoints(workdir):
+  import os
+  d = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()
+                and os.path.exists(os.path.join(d, n, "_CHECKPOINT_METADATA")))
