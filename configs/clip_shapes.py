@@ -1,0 +1,62 @@
+"""A small CLIP trained on the shapes world (symmetric InfoNCE), the CLIP of the built-in ECLIPSE run.
+
+    python -m diffusion_jax.main --config configs/clip_shapes.py --workdir /tmp/eclipse/clip
+
+`configs/eclipse_prior.py` runs this first (in WORKDIR/clip) when no pretrained CLIP is configured, and reuses
+it when `WORKDIR/clip/hf_clip` exists. The model is a transformers-layout CLIPModel: a ViT on 32x32 images
+(patch 8) and a causal text transformer over the real CLIP BPE tokens with a 24-token context (the longest
+shapes caption is 18 tokens with start/end). It is exported to WORKDIR/clip/hf_clip at the end of training.
+
+Variants: "" (default, a few minutes on a 2-core CPU), "tiny" (seconds, for tests).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import _base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = arg or ""
+  if arg not in ("", "tiny"):
+    raise ValueError(f"Unknown clip_shapes variant {arg!r}. Valid variants: '' (default), 'tiny'.")
+  tiny = arg == "tiny"
+  c = _base.base_config()
+  c.experiment = "clip_pretrain"
+  c.seed = 0
+  c.data.name = "shapes"
+  c.data.image_size = 32
+  c.data.batch_size = 16 if tiny else 128
+  c.data.num_train = 256 if tiny else 50000
+  c.data.num_test = 64 if tiny else 500
+  c.data.num_workers = 0
+
+  width = 32 if tiny else 64
+  c.model.name = "clip"
+  c.model.projection_dim = 32 if tiny else 64
+  c.model.text = ml_collections.ConfigDict(dict(
+      vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=1 if tiny else 2,
+      num_attention_heads=2 if tiny else 4, max_position_embeddings=24, hidden_act="quick_gelu",
+      eos_token_id=49407))
+  c.model.vision = ml_collections.ConfigDict(dict(
+      image_size=32, patch_size=8, num_channels=3, hidden_size=width, intermediate_size=4 * width,
+      num_hidden_layers=1 if tiny else 2, num_attention_heads=2 if tiny else 4, hidden_act="quick_gelu"))
+
+  c.optim.name = "adamw"
+  c.optim.lr = 1e-3
+  c.optim.weight_decay = 0.05
+  c.optim.schedule = "warmup_cosine"
+  c.optim.warmup_steps = 5 if tiny else 100
+  c.optim.grad_clip = 1.0
+
+  c.train.num_steps = 10 if tiny else 1500
+  c.train.log_every = 5 if tiny else 100
+  c.train.ckpt_every = 10 if tiny else 500
+  c.train.eval_every = 0          # export (hf_clip) happens at evaluation: only at the end
+  c.train.sample_every = 0
+  c.train.ema_decays = ()
+  c.train.sample_with_ema = False
+
+  c.eval.num_examples = 64 if tiny else 500
+  return c

@@ -1,0 +1,408 @@
+"""(caption, image) pairs -> CLIP embeddings computed once, stored as .npy, read back through grain.
+
+ECLIPSE trains its prior on pre-extracted CLIP embeddings (ECLIPSE §4.1: "<= 50 GPU-hours with
+pre-extracted embeddings"). A cache directory holds, for N pairs:
+
+==================  ==================  ==========================================================
+file                dtype / shape       meaning
+==================  ==================  ==========================================================
+text_hidden.npy     float16 [N, L, D]   per-token text states (`last_hidden_state`, after the final LN)
+text_mask.npy       uint8 [N, L]        1 on real tokens (up to and including end-of-text), 0 on padding
+text_emb.npy        float32 [N, E]      pooled, projected CLIP text embedding z_y (`text_embeds`)
+image_emb.npy       float32 [N, E]      projected CLIP image embedding z_x (`image_embeds`)
+image.npy           uint8 [N, H, W, 3]  the images (shapes world only; the unCLIP decoder trains on them)
+objects.npy         int32 [N, M, 6]     shapes world only: the scene encoding (parser scoring)
+cf_<kind>_emb.npy   float32 [N, E]      shapes test split: image embedding of the counterfactual scene
+cf_<kind>_valid.npy bool [N]            ... and whether it exists (scenes with >= 2 objects);
+                                        kind = "colour" (`swap_colours`) or "position" (`swap_positions`)
+null_*.npy          [1, ...]            the encoding of the empty caption "" (unconditional branch)
+captions.json       list of str
+meta.json           counts, dims, the CLIP it came from, `complete: true` once everything is written
+==================  ==================  ==========================================================
+
+`normalize=True` stores L2-normalised `text_emb` / `image_emb` (and counterfactuals); the hidden states are
+kept as the CLIP returns them. A cache is written into `<dir>.tmp` and renamed, so an interrupted build never
+looks complete; `ensure_cache` reuses a complete cache whose `meta.json` matches the request.
+
+Pair sources (iterables of dicts with `caption`, `image` uint8 [H, W, 3], optionally `objects`):
+`shapes_pairs`, `image_folder_pairs` (a folder of images + `captions.jsonl`/`.tsv`), `tfds_pairs`
+(a TFDS array_record build in a data_dir, read TF-free with `tfds.data_source`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from diffusion_jax.registry import check_choice
+
+SOURCES = ("shapes", "image_folder", "tfds")
+COUNTERFACTUALS = ("colour", "position")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# OpenAI CLIP pixel statistics (CLIPImageProcessor defaults).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+# ------------------------------------------------------------------------------------------- pair sources
+
+
+def shapes_pairs(num: int, seed: int, split: str, shapes_cfg=None, counterfactuals: bool = False
+                 ) -> Iterator[Dict[str, Any]]:
+  """Shapes-world pairs (caption generated with the image); with `counterfactuals`, also the images of the
+  same scene with colours swapped / positions swapped (`cf_colour`, `cf_position`, None for 1 object)."""
+  from diffusion_jax.data import shapes as S
+  cfg = shapes_cfg or S.ShapesConfig()
+  src = S.ShapesSource(num, seed=seed, cfg=cfg, split=split)
+  for i in range(num):
+    ex = src[i]
+    out = {"caption": str(ex["caption"]), "image": ex["image"], "objects": ex["objects"]}
+    if counterfactuals:
+      scene = S.example_scene(ex, cfg.image_size)
+      two = len(scene.objects) >= 2
+      out["cf_colour"] = S.render(S.swap_colours(scene), cfg)["image"] if two else None
+      out["cf_position"] = S.render(S.swap_positions(scene), cfg)["image"] if two else None
+    yield out
+
+
+def _load_image(path: str, size: int) -> np.ndarray:
+  from PIL import Image
+  with Image.open(path) as im:
+    im = im.convert("RGB")
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    im = im.resize((size, size), Image.BICUBIC)
+    return np.asarray(im, np.uint8)
+
+
+def read_captions_file(path: str) -> List[Dict[str, str]]:
+  """`captions.jsonl` lines {"file": ..., "caption": ...} or a `.tsv` of `file<TAB>caption`."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Captions file {path} not found. An image folder needs captions.jsonl "
+                            '(lines {"file": "img.png", "caption": "..."}) or a .tsv of file<TAB>caption; '
+                            "set config.data.captions_file.")
+  rows = []
+  with open(path) as f:
+    for ln, line in enumerate(f, 1):
+      line = line.rstrip("\n")
+      if not line.strip():
+        continue
+      if path.endswith(".tsv"):
+        parts = line.split("\t", 1)
+        if len(parts) != 2:
+          raise ValueError(f"{path}:{ln}: expected 'file<TAB>caption'.")
+        rows.append({"file": parts[0], "caption": parts[1]})
+      else:
+        d = json.loads(line)
+        if "file" not in d or "caption" not in d:
+          raise ValueError(f"{path}:{ln}: each line needs 'file' and 'caption' keys.")
+        rows.append({"file": d["file"], "caption": d["caption"]})
+  return rows
+
+
+def image_folder_pairs(data_dir: str, image_size: int, captions_file: str = "", split: str = "train",
+                       num: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+  """Pairs from a folder: `<data_dir>/<split>/captions.jsonl` if that folder exists, else `<data_dir>`."""
+  root = os.path.join(data_dir, split) if os.path.isdir(os.path.join(data_dir, split)) else data_dir
+  rows = read_captions_file(captions_file or os.path.join(root, "captions.jsonl"))
+  for r in rows[:num] if num else rows:
+    yield {"caption": r["caption"], "image": _load_image(os.path.join(root, r["file"]), image_size)}
+
+
+def tfds_pairs(name: str, data_dir: str, split: str, image_size: int, image_key: str = "image",
+               caption_key: str = "caption", num: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+  """Pairs from a TFDS array_record build (`tfds.data_source`, no TensorFlow). `caption_key` may be a
+  "/"-path into nested features (e.g. "captions/text"); a list of captions takes the first."""
+  import tensorflow_datasets as tfds
+  src = tfds.data_source(name, split=split, data_dir=data_dir or None)
+  n = len(src) if not num else min(num, len(src))
+  for i in range(n):
+    ex = src[i]
+    cap = ex
+    for part in caption_key.split("/"):
+      cap = cap[part]
+    if isinstance(cap, (list, tuple, np.ndarray)) and np.ndim(cap) > 0:
+      cap = cap[0]
+    if isinstance(cap, bytes):
+      cap = cap.decode("utf-8")
+    img = np.asarray(ex[image_key])
+    if img.shape[:2] != (image_size, image_size):
+      from PIL import Image
+      im = Image.fromarray(img)
+      w, h = im.size
+      s = min(w, h)
+      im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize(
+          (image_size, image_size), Image.BICUBIC)
+      img = np.asarray(im.convert("RGB"))
+    yield {"caption": str(cap), "image": img}
+
+
+# ------------------------------------------------------------------------------------------- the encoder
+
+
+class ClipEmbedder:
+  """A CLIP (text tower + vision tower with projections) plus its tokenizer, as jitted host functions.
+
+  Built from a transformers-layout CLIP directory (`config.json` + `model.safetensors`, a CLIPModel) —
+  either a public checkpoint or the small shapes-world CLIP that `clip_pretrain` exports in that layout.
+  """
+
+  def __init__(self, clip_dir: str, max_length: int = 0, image_size: Optional[int] = None):
+    import jax
+    import jax.numpy as jnp
+    from diffusion_jax.pretrained import clip as clip_io
+    from diffusion_jax.models import clip as clip_lib
+    module, params, cfg = clip_io.load_clip(clip_dir, kind="clip")
+    self.config = cfg
+    self.clip_dir = clip_dir
+    self.max_length = int(max_length or cfg.text.max_position_embeddings)
+    if self.max_length > cfg.text.max_position_embeddings:
+      raise ValueError(f"max_length={self.max_length} exceeds the CLIP's context length "
+                       f"{cfg.text.max_position_embeddings}.")
+    self.image_size = int(cfg.vision.image_size)
+    self.tokenizer = load_tokenizer(clip_dir)
+    text = clip_lib.CLIPTextModel(cfg.text, with_projection=True)
+    vision = clip_lib.CLIPVisionModel(cfg.vision, with_projection=True)
+    tparams = {"text_model": params["text_model"], "text_projection": params["text_projection"]}
+    vparams = {"vision_model": params["vision_model"], "visual_projection": params["visual_projection"]}
+
+    @jax.jit
+    def _text(ids, mask):
+      out = text.apply({"params": tparams}, ids, mask)
+      return out["last_hidden_state"], out["text_embeds"]
+
+    @jax.jit
+    def _image(pixels):
+      return vision.apply({"params": vparams}, pixels)["image_embeds"]
+
+    self._text, self._image, self._jnp = _text, _image, jnp
+
+  @property
+  def embed_dim(self) -> int:
+    return int(self.config.projection_dim)
+
+  def tokenize(self, captions: Sequence[str]):
+    return tokenize(self.tokenizer, captions, self.max_length)
+
+  def encode_text(self, captions: Sequence[str]) -> Dict[str, np.ndarray]:
+    ids, mask = self.tokenize(captions)
+    hidden, emb = self._text(ids, mask)
+    return {"text_hidden": np.asarray(hidden, np.float32), "text_emb": np.asarray(emb, np.float32),
+            "text_mask": mask.astype(np.uint8)}
+
+  def preprocess(self, images: np.ndarray) -> np.ndarray:
+    return preprocess_images(images, self.image_size)
+
+  def encode_images(self, images: np.ndarray) -> np.ndarray:
+    return np.asarray(self._image(self.preprocess(images)), np.float32)
+
+
+def preprocess_images(images: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [B, H, W, 3] -> CLIP pixels: resized (bicubic, only if needed) to `size`, [0, 1], CLIP mean/std."""
+  x = np.asarray(images)
+  if x.shape[1] != size or x.shape[2] != size:
+    from PIL import Image
+    x = np.stack([np.asarray(Image.fromarray(np.asarray(im, np.uint8)).resize((size, size), Image.BICUBIC))
+                  for im in x])
+  x = x.astype(np.float32) / 255.0
+  return (x - CLIP_MEAN) / CLIP_STD
+
+
+def load_tokenizer(clip_dir: str = ""):
+  """The CLIP BPE tokenizer: the one saved with the model (vocab.json + merges.txt) if present, else the
+  packaged CLIP vocabulary (`diffusion_jax.data.tokenizer`)."""
+  from diffusion_jax.data import tokenizer as tok_lib
+  for d in (clip_dir, os.path.join(clip_dir, "tokenizer") if clip_dir else ""):
+    if d and os.path.exists(os.path.join(d, "vocab.json")) and os.path.exists(os.path.join(d, "merges.txt")):
+      return tok_lib.CLIPTokenizer(d)
+  return tok_lib.CLIPTokenizer()
+
+
+def tokenize(tokenizer, captions: Sequence[str], max_length: int):
+  """-> (int32 ids [B, max_length], int32 mask [B, max_length]): [BOS] ids [EOS], padded / truncated."""
+  out = tokenizer(list(captions), max_length=int(max_length))
+  return np.asarray(out["input_ids"], np.int32), np.asarray(out["attention_mask"], np.int32)
+
+
+# ------------------------------------------------------------------------------------------- the cache
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def is_complete(cache_dir: str, want: Optional[Mapping[str, Any]] = None) -> bool:
+  meta_path = os.path.join(cache_dir, "meta.json")
+  if not os.path.exists(meta_path):
+    return False
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if not meta.get("complete"):
+    return False
+  return all(meta.get("request", {}).get(k) == v for k, v in (want or {}).items())
+
+
+def build_cache(embedder: ClipEmbedder, pairs: Iterable[Dict[str, Any]], cache_dir: str, *,
+                request: Mapping[str, Any], batch_size: int = 256, normalize: bool = True,
+                keep_images: bool = False, progress: bool = True) -> Dict[str, Any]:
+  """Encodes every pair with `embedder` and writes the cache (see the module docstring) atomically."""
+  from tqdm import tqdm
+  tmp = cache_dir.rstrip("/") + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  cols: Dict[str, List[np.ndarray]] = {}
+  captions: List[str] = []
+  total = request.get("num")
+  bar = tqdm(total=total, desc=f"CLIP cache {os.path.basename(cache_dir)}", disable=not progress,
+             dynamic_ncols=True, mininterval=1.0)
+
+  def flush(buf: List[Dict[str, Any]]):
+    caps = [b["caption"] for b in buf]
+    t = embedder.encode_text(caps)
+    imgs = np.stack([b["image"] for b in buf])
+    z_img = embedder.encode_images(imgs)
+    out = {"text_hidden": t["text_hidden"].astype(np.float16), "text_mask": t["text_mask"],
+           "text_emb": _l2n(t["text_emb"]) if normalize else t["text_emb"],
+           "image_emb": _l2n(z_img) if normalize else z_img}
+    if keep_images:
+      out["image"] = imgs.astype(np.uint8)
+    if "objects" in buf[0]:
+      out["objects"] = np.stack([b["objects"] for b in buf]).astype(np.int32)
+    for kind in COUNTERFACTUALS:
+      key = f"cf_{kind}"
+      if key in buf[0]:
+        valid = np.array([b[key] is not None for b in buf])
+        cf_imgs = np.stack([b[key] if b[key] is not None else b["image"] for b in buf])
+        z = embedder.encode_images(cf_imgs)
+        out[f"{key}_emb"] = _l2n(z) if normalize else z
+        out[f"{key}_valid"] = valid
+    for k, v in out.items():
+      cols.setdefault(k, []).append(v)
+    captions.extend(caps)
+    bar.update(len(buf))
+
+  buf: List[Dict[str, Any]] = []
+  for pair in pairs:
+    buf.append(pair)
+    if len(buf) == batch_size:
+      flush(buf)
+      buf = []
+  if buf:
+    flush(buf)
+  bar.close()
+  if not captions:
+    raise ValueError(f"No (caption, image) pairs to cache into {cache_dir}; check the data source.")
+  null = embedder.encode_text([""])
+  arrays = {k: np.concatenate(v) for k, v in cols.items()}
+  arrays["null_text_hidden"] = null["text_hidden"].astype(np.float16)
+  arrays["null_text_mask"] = null["text_mask"]
+  arrays["null_text_emb"] = _l2n(null["text_emb"]) if normalize else null["text_emb"]
+  for k, v in arrays.items():
+    np.save(os.path.join(tmp, f"{k}.npy"), v)
+  with open(os.path.join(tmp, "captions.json"), "w") as f:
+    json.dump(captions, f)
+  meta = {"complete": True, "num": len(captions), "text_len": int(arrays["text_hidden"].shape[1]),
+          "text_dim": int(arrays["text_hidden"].shape[2]), "embed_dim": int(arrays["image_emb"].shape[1]),
+          "normalize": bool(normalize), "clip_dir": os.path.abspath(embedder.clip_dir),
+          "keys": sorted(arrays), "request": dict(request)}
+  with open(os.path.join(tmp, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+  shutil.rmtree(cache_dir, ignore_errors=True)
+  os.replace(tmp, cache_dir)
+  return meta
+
+
+def load_meta(cache_dir: str) -> Dict[str, Any]:
+  with open(os.path.join(cache_dir, "meta.json")) as f:
+    return json.load(f)
+
+
+def load_arrays(cache_dir: str, keys: Optional[Sequence[str]] = None, mmap: bool = True) -> Dict[str, np.ndarray]:
+  meta = load_meta(cache_dir)
+  keys = keys or meta["keys"]
+  missing = [k for k in keys if k not in meta["keys"]]
+  if missing:
+    raise KeyError(f"Cache {cache_dir} has no {missing}; it holds {meta['keys']}. Delete it to rebuild.")
+  return {k: np.load(os.path.join(cache_dir, f"{k}.npy"), mmap_mode="r" if mmap else None) for k in keys}
+
+
+def load_captions(cache_dir: str) -> List[str]:
+  with open(os.path.join(cache_dir, "captions.json")) as f:
+    return json.load(f)
+
+
+class EmbeddingSource:
+  """grain `RandomAccessDataSource` over a cache: `[i]` -> dict of the per-example arrays in `keys`
+  (float16 hidden states come back as float32). Arrays are memory-mapped lazily (picklable)."""
+
+  DEFAULT_KEYS = ("text_hidden", "text_mask", "text_emb", "image_emb")
+
+  def __init__(self, cache_dir: str, keys: Sequence[str] = DEFAULT_KEYS):
+    if not is_complete(cache_dir):
+      raise FileNotFoundError(f"No complete embedding cache in {cache_dir}; build it first (ensure_cache).")
+    self.cache_dir = cache_dir
+    self.keys = tuple(keys)
+    self._n = int(load_meta(cache_dir)["num"])
+    self._arrays = None
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getstate__(self):
+    d = dict(self.__dict__)
+    d["_arrays"] = None
+    return d
+
+  def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
+    if self._arrays is None:
+      self._arrays = load_arrays(self.cache_dir, self.keys)
+    out = {}
+    for k in self.keys:
+      v = np.asarray(self._arrays[k][int(index)])
+      out[k] = v.astype(np.float32) if v.dtype == np.float16 else v
+    return out
+
+  def __repr__(self) -> str:
+    return f"EmbeddingSource({self.cache_dir!r}, n={self._n}, keys={self.keys})"
+
+
+def pairs_from_config(data_cfg, split: str, *, seed: int, num: Optional[int], image_size: int,
+                      counterfactuals: bool = False) -> Iterator[Dict[str, Any]]:
+  """The (caption, image) stream a data config names (`data.name` in SOURCES)."""
+  name = check_choice("caption data source (config.data.name)", data_cfg.name, SOURCES)
+  if name == "shapes":
+    from diffusion_jax.data import shapes as S
+    cfg = S.ShapesConfig(image_size=int(data_cfg.get("image_size", 32)))
+    return shapes_pairs(int(num), seed, split, cfg, counterfactuals=counterfactuals)
+  if not data_cfg.get("data_dir"):
+    raise ValueError(f"config.data.name={name!r} needs config.data.data_dir (the folder holding the data).")
+  split_name = data_cfg.get(f"{split}_split", split)
+  if name == "image_folder":
+    return image_folder_pairs(data_cfg.data_dir, image_size, data_cfg.get("captions_file", ""), split_name, num)
+  if not data_cfg.get("tfds_name"):
+    raise ValueError("config.data.name='tfds' needs config.data.tfds_name (e.g. 'coco_captions').")
+  return tfds_pairs(data_cfg.tfds_name, data_cfg.data_dir, split_name, image_size,
+                    data_cfg.get("image_key", "image"), data_cfg.get("caption_key", "caption"), num)
+
+
+def ensure_cache(embedder: ClipEmbedder, data_cfg, split: str, cache_dir: str, *, seed: int,
+                 num: Optional[int], batch_size: int = 256, normalize: bool = True,
+                 progress: bool = True) -> Dict[str, Any]:
+  """Builds the cache of `split` unless a complete one for the same request exists; returns its meta."""
+  is_shapes = data_cfg.name == "shapes"
+  request = {"source": str(data_cfg.name), "split": split, "seed": int(seed) if is_shapes else None,
+             "num": int(num) if num else None, "normalize": bool(normalize),
+             "clip_dir": os.path.abspath(embedder.clip_dir), "max_length": embedder.max_length,
+             "image_size": int(data_cfg.get("image_size", 32)),
+             "data_dir": str(data_cfg.get("data_dir", "")), "tfds_name": str(data_cfg.get("tfds_name", ""))}
+  if is_complete(cache_dir, request):
+    return load_meta(cache_dir)
+  pairs = pairs_from_config(data_cfg, split, seed=seed, num=num, image_size=embedder.image_size,
+                            counterfactuals=is_shapes and split == "test")
+  return build_cache(embedder, pairs, cache_dir, request=request, batch_size=batch_size, normalize=normalize,
+                     keep_images=is_shapes, progress=progress)

@@ -1,0 +1,161 @@
+"""Contrastive pretraining of a small CLIP on (caption, image) pairs: experiment "clip_pretrain".
+
+The built-in ECLIPSE run has no public CLIP offline, so it first trains one on the shapes world (captions are
+generated with the images). Objective: CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3): cross-entropy
+of `exp(logit_scale) * cos(image_i, text_j)` over the batch in both directions, positives on the diagonal;
+`logit_scale` is learned from log(1/0.07) and clipped at log(100) as in CLIP. The text side uses the real
+CLIP BPE tokenizer with a short context (`config.model.text.max_position_embeddings`).
+
+At evaluation (the end of training) the model is exported in the transformers `CLIPModel` layout to
+`<workdir>/hf_clip` (`config.json` + `model.safetensors`), which `data/clip_cache.ClipEmbedder` loads like any
+public CLIP; `evaluate` also reports image<->text retrieval on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion_jax.data import clip_cache
+from diffusion_jax.eval import retrieval
+from diffusion_jax.experiments.base import EXPERIMENTS, Experiment, ExperimentState
+from diffusion_jax.models import clip as clip_lib
+
+EXPORT_SUBDIR = "hf_clip"
+LOGIT_SCALE_MAX = float(np.log(100.0))
+
+
+def clip_symmetric_loss(image_emb, text_emb, logit_scale):
+  """Symmetric CLIP InfoNCE: mean of the image->text and text->image cross-entropies of
+  `logit_scale * cos(image_i, text_j)` (a multiplier, not its log), positives on the diagonal."""
+  x = image_emb.astype(jnp.float32)
+  y = text_emb.astype(jnp.float32)
+  x = x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-16))
+  y = y / jnp.sqrt(jnp.maximum(jnp.sum(y * y, -1, keepdims=True), 1e-16))
+  logits = logit_scale * (x @ y.T)
+  diag = jnp.diagonal(logits)
+  l_i2t = jnp.mean(jax.nn.logsumexp(logits, axis=1) - diag)
+  l_t2i = jnp.mean(jax.nn.logsumexp(logits, axis=0) - diag)
+  return 0.5 * (l_i2t + l_t2i)
+
+
+def clip_config_from(model_cfg: ml_collections.ConfigDict) -> clip_lib.CLIPConfig:
+  """`config.model` (text / vision sub-dicts with transformers names, projection_dim) -> CLIPConfig."""
+  text = dict(model_cfg.text)
+  vision = dict(model_cfg.vision)
+  proj = int(model_cfg.projection_dim)
+  return clip_lib.CLIPConfig(
+      text=clip_lib.CLIPTextConfig(**{**text, "projection_dim": proj}),
+      vision=clip_lib.CLIPVisionConfig(**{**vision, "projection_dim": proj}),
+      projection_dim=proj)
+
+
+class TokenizeAndNormalize:
+  """Example transform: caption -> input_ids / attention_mask, uint8 image -> CLIP-normalised pixels.
+  The tokenizer is built here, in the main thread (transformers' lazy imports are not thread-safe), and
+  pickles with the transform for worker processes."""
+
+  def __init__(self, max_length: int):
+    self.max_length = int(max_length)
+    self._tok = clip_cache.load_tokenizer()
+
+  def __call__(self, ex: Dict[str, Any]) -> Dict[str, Any]:
+    ids, mask = clip_cache.tokenize(self._tok, [str(ex["caption"])], self.max_length)
+    pixels = clip_cache.preprocess_images(np.asarray(ex["image"])[None], np.asarray(ex["image"]).shape[0])[0]
+    return {"input_ids": ids[0], "attention_mask": mask[0], "pixels": pixels}
+
+
+@EXPERIMENTS.register("clip_pretrain")
+class ClipPretrain(Experiment):
+  """Small CLIP on the shapes world (symmetric InfoNCE)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    self.clip_config = clip_config_from(config.model)
+    self.model = clip_lib.CLIPModel(self.clip_config, dtype=jnp.dtype(config.get("dtype", "float32")))
+    self.max_length = int(self.clip_config.text.max_position_embeddings)
+    if self.clip_config.vision.image_size != int(config.data.image_size):
+      raise ValueError(f"config.model.vision.image_size={self.clip_config.vision.image_size} must equal "
+                       f"config.data.image_size={config.data.image_size}.")
+
+  def _source(self, split: str, num: int, seed: int):
+    from diffusion_jax.data import shapes as S
+    if self.config.data.name != "shapes":
+      raise ValueError(f"clip_pretrain trains on the shapes world only (config.data.name='shapes'), got "
+                       f"{self.config.data.name!r}. Use a pretrained CLIP for other data.")
+    return S.ShapesSource(num, seed=seed, cfg=S.ShapesConfig(image_size=int(self.config.data.image_size)),
+                          split=split)
+
+  def make_dataset(self, split: str, *, seed: int, shard_index: int = 0, shard_count: int = 1):
+    from diffusion_jax.data.pipeline import make_pipeline
+    d = self.config.data
+    num = int(d.num_train if split == "train" else d.num_test)
+    return make_pipeline(self._source(split, num, seed), [TokenizeAndNormalize(self.max_length)],
+                         batch_size=int(d.batch_size) // shard_count, seed=seed, shuffle=split == "train",
+                         num_workers=int(d.get("num_workers", 0)), prefetch=int(d.get("prefetch", 2)),
+                         shard_index=shard_index, shard_count=shard_count)
+
+  def init(self, rng, batch) -> ExperimentState:
+    params = self.model.init(rng, batch["input_ids"][:2], batch["pixels"][:2], batch["attention_mask"][:2])
+    return ExperimentState(params=params["params"], frozen={})
+
+  def _embed(self, params, ids, mask, pixels):
+    t = self.model.apply({"params": params}, ids, mask, method=clip_lib.CLIPModel.get_text_features)
+    i = self.model.apply({"params": params}, pixels, method=clip_lib.CLIPModel.get_image_features)
+    return i, t
+
+  def loss(self, params, frozen, ema, batch, rng, step):
+    img, txt = self._embed(params, batch["input_ids"], batch["attention_mask"], batch["pixels"])
+    scale = jnp.exp(jnp.minimum(params["logit_scale"], LOGIT_SCALE_MAX))
+    loss = clip_symmetric_loss(img, txt, scale)
+    return loss, {"logit_scale": scale}
+
+  def evaluate(self, params, frozen, rng, workdir: str) -> Dict[str, float]:
+    params = jax.device_get(params)
+    export_dir = os.path.join(workdir, EXPORT_SUBDIR)
+    save_hf_clip(export_dir, params, self.clip_config)
+    num = int(self.config.eval.get("num_examples", 500))
+    src = self._source("test", num, int(self.config.seed))
+    tok = clip_cache.load_tokenizer()
+    embed = jax.jit(self._embed)
+    img_e, txt_e = [], []
+    bs = 250
+    for s in range(0, num, bs):
+      exs = [src[i] for i in range(s, min(num, s + bs))]
+      ids, mask = clip_cache.tokenize(tok, [e["caption"] for e in exs], self.max_length)
+      pix = clip_cache.preprocess_images(np.stack([e["image"] for e in exs]), int(self.config.data.image_size))
+      i, t = embed(params, ids, mask, pix)
+      img_e.append(np.asarray(i))
+      txt_e.append(np.asarray(t))
+    img_e, txt_e = np.concatenate(img_e), np.concatenate(txt_e)
+    t2i = retrieval.recall_at_k(txt_e, img_e, (1, 5))
+    i2t = retrieval.recall_at_k(img_e, txt_e, (1, 5))
+    return {"t2i_R@1": t2i["R@1"], "t2i_R@5": t2i["R@5"], "i2t_R@1": i2t["R@1"], "i2t_R@5": i2t["R@5"],
+            "logit_scale": float(np.exp(min(float(params["logit_scale"]), LOGIT_SCALE_MAX)))}
+
+
+def save_hf_clip(directory: str, params, config: clip_lib.CLIPConfig) -> None:
+  """Exports our CLIPModel params in the transformers CLIPModel layout (+ the tokenizer files if available)."""
+  from diffusion_jax.pretrained import clip as clip_io
+  tmp = directory.rstrip("/") + ".tmp"
+  clip_io.save_clip(tmp, jax.tree.map(np.asarray, params), config, kind="clip")
+  from diffusion_jax.data import tokenizer as tok_lib
+  tok_lib.write_tokenizer_files(tmp)
+  import shutil
+  shutil.rmtree(directory, ignore_errors=True)
+  os.replace(tmp, directory)
+
+
+def export_dir(workdir: str) -> str:
+  return os.path.join(workdir, EXPORT_SUBDIR)
+
+
+def is_trained(workdir: str) -> bool:
+  d = export_dir(workdir)
+  return os.path.exists(os.path.join(d, "model.safetensors")) and os.path.exists(os.path.join(d, "config.json"))
