@@ -46,6 +46,7 @@ def _close(a, b, what):
   a, b = np.asarray(a), b.detach().numpy()
   assert a.shape == b.shape, (what, a.shape, b.shape)
   err = float(np.max(np.abs(a - b)))
+  print(f"PARITY {what}: max abs diff {err:.2e}")
   assert err <= TOL, f"{what}: max abs diff {err}"
 
 
