@@ -95,12 +95,14 @@ class GMM:
     eye = jnp.eye(2, dtype=jnp.float32)
     ncov = a ** 2 * cov + s ** 2 * eye                        # [B, K, 2, 2]
     diff = x[:, None, :] - a[..., 0] * mu                     # [B, K, 2]
-    sol = jnp.linalg.solve(ncov, diff[..., None])[..., 0]    # [B, K, 2]
-    logdet = jnp.linalg.slogdet(ncov)[1]
-    logp = jnp.log(jnp.asarray(self.w, jnp.float32)) - 0.5 * jnp.sum(diff * sol, -1) - 0.5 * logdet
-    r = jax.nn.softmax(logp, axis=-1)
-    comp = mu + a[..., 0] * jnp.einsum("bkij,bkj->bki", cov * jnp.ones_like(ncov), sol)
-    return jnp.sum(r[..., None] * comp, axis=1)
+    # Closed-form 2x2 inverse (faster than a batched solve).
+    p, q, r = ncov[..., 0, 0], ncov[..., 0, 1], ncov[..., 1, 1]
+    det = p * r - q * q
+    sol = jnp.stack([r * diff[..., 0] - q * diff[..., 1], p * diff[..., 1] - q * diff[..., 0]], -1) / det[..., None]
+    logp = jnp.log(jnp.asarray(self.w, jnp.float32)) - 0.5 * jnp.sum(diff * sol, -1) - 0.5 * jnp.log(det)
+    r_k = jax.nn.softmax(logp, axis=-1)
+    comp = mu + a[..., 0] * jnp.einsum("kij,bkj->bki", cov[0], sol)
+    return jnp.sum(r_k[..., None] * comp, axis=1)
 
   def assign(self, x):
     """Component index of each sample (nearest under the clean mixture's log density)."""
@@ -110,3 +112,59 @@ class GMM:
     logp = (np.log(self.w) - 0.5 * np.einsum("nki,kij,nkj->nk", d, inv, d)
             - 0.5 * np.log(np.linalg.det(self.cov)))
     return np.argmax(logp, axis=1)
+
+
+def moment_zscores(gmm: GMM, x):
+  """|error| / standard error of the sampled mixture statistics: 3 weights, 3x2 means, 3x3 covariance
+  entries (upper triangle). Standard errors are the sample-size ones of exact draws: weight sqrt(w(1-w)/N),
+  mean sqrt(S_ii/n_k), covariance sqrt((S_ii S_jj + S_ij^2)/n_k) (Gaussian fourth moments)."""
+  x = np.asarray(x, np.float64)
+  k = gmm.assign(x)
+  N = len(x)
+  z = []
+  for j in range(len(gmm.w)):
+    xs = x[k == j]
+    n, w, S = len(xs), gmm.w[j], gmm.cov[j]
+    z.append(abs(n / N - w) / np.sqrt(w * (1 - w) / N))
+    z.extend(np.abs(xs.mean(0) - gmm.mu[j]) / np.sqrt(np.diag(S) / n))
+    se = np.sqrt((np.outer(np.diag(S), np.diag(S)) + S ** 2) / n)
+    z.extend((np.abs(np.cov(xs.T) - S) / se)[np.triu_indices(2)])
+  return np.array(z)
+
+
+def discrete_gmm_denoiser(gmm: GMM, schedule, pred: str):
+  """Exact model for a discrete schedule: (a, s) at (possibly fractional) timestep t by linear
+  interpolation of log VE-sigma (the inverse of the samplers' sigma -> t map); returns eps / v / x0."""
+  log_sig = jnp.asarray(np.log(schedule.ve_sigmas), jnp.float32)
+  T = schedule.num_train_timesteps
+
+  def fn(x, t, cond):
+    del cond
+    t = jnp.asarray(t, jnp.float32)
+    i0 = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, T - 2)
+    w = t - i0
+    sig = jnp.exp(log_sig[i0] * (1 - w) + log_sig[i0 + 1] * w)
+    a = 1.0 / jnp.sqrt(1.0 + sig * sig)
+    s = sig * a
+    x = x.astype(jnp.float32)
+    x0 = gmm.x0_hat(x, a, s)
+    a, s = a[:, None], s[:, None]
+    eps = (x - a * x0) / s
+    return {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[pred]
+
+  return fn
+
+
+def edm_gmm_denoiser(gmm: GMM, sigma_data: float = 0.5):
+  """Exact raw EDM network F for the mixture: F = (D - c_skip x) / c_out with D the exact VE denoiser."""
+  from diffusion_jax.core.parameterization import edm_scalings
+
+  def fn(x_in, c_noise, cond):
+    del cond
+    sigma = jnp.exp(4.0 * jnp.asarray(c_noise, jnp.float32))
+    sc = edm_scalings(sigma, sigma_data)
+    x = x_in.astype(jnp.float32) / sc.c_in[:, None]
+    D = gmm.x0_hat(x, jnp.ones_like(sigma), sigma)
+    return (D - sc.c_skip[:, None] * x) / sc.c_out[:, None]
+
+  return fn
