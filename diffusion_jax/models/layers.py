@@ -146,15 +146,18 @@ def unpatchify(x, patch: int, channels: int, grid_h: int, grid_w: int):
   return x.reshape(b, grid_h * patch, grid_w * patch, channels)
 
 
+# Same names and semantics as the trainer's `config.remat` (train/remat.py); models do not import train/.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 
 def maybe_remat(module_cls, remat: str, static_argnums=()):
-  """Wraps a block class in `nn.remat` with the policy named by `config.remat` ('none' | 'full' | 'dots')."""
+  """Wraps a block class in `nn.remat` with the policy named by `config.remat`
+  ('none' | 'full' | 'dots' | 'dots_no_batch')."""
   check_choice("remat policy", remat, REMAT_POLICIES)
   if remat == "none":
     return module_cls

@@ -1,0 +1,427 @@
+"""Class-conditional / unconditional image generation (DiffiT, DiT or any registered denoiser).
+
+Registered as experiment "generation". Two regimes, picked by `config.diffusion.objective`:
+
+* "edm" (DiffiT image space, App. I.1: "strictly followed EDM"): the network F is preconditioned,
+  D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, y), c_noise = ln(sigma) / 4, sigma_data = 0.5; training
+  ln sigma ~ N(-1.2, 1.2^2) with EDM's lambda(sigma) weighting (`core.losses.edm_loss`); sampling with EDM's
+  deterministic Heun sampler (`core.samplers.edm_sample`, 18 steps CIFAR-10, 40 FFHQ-64).
+* "adm" (DiffiT latent space, App. I.2: "same diffusion hyper-parameters as ADM"): 1000-step linear-beta DDPM,
+  eps prediction with learned variance trained by ADM's hybrid loss L_simple + L_vlb (`core.losses.hybrid_loss`;
+  plain eps-MSE when the model has no variance output), DDPM ancestral sampling with learned-range variance
+  (250 respaced steps for ImageNet).
+
+Latent mode (`config.latent.vae`): "none" (pixels), "sd" (the Stable Diffusion AutoencoderKL from
+`config.latent.vae_path`, a diffusers directory; latents = z * scale_factor, 0.18215), or "space_to_depth" (an
+exact, parameter-free f x f pixel-unshuffle "VAE" for tests / tiny configs). `config.latent.cache=True` encodes
+the training set once (posterior moments, kept in memory and saved to `config.latent.cache_dir` when set) and
+samples z ~ N(mean, std^2) per step.
+
+Conditioning: `config.model.num_classes` > 0 makes the run class-conditional; labels are dropped to the null
+class (index num_classes) with probability `config.cond.label_dropout` (0.1, DiT/DiffiT) so that
+classifier-free guidance works. Guidance (`config.sample`): `guidance_scale` (1 = off), `guidance_schedule`
+"constant" (IN-512: 1.49) or "power_cosine" (IN-256: 4.4 in the released script / 4.6 in the paper, p = 4),
+`guidance_channels` (3 for the latent model: only eps channels 0-2 are guided).
+
+Batches: {"image": float32 [B, H, W, 3] in [-1, 1], "label": int32 [B]} (or {"moments", "label"} with cached
+latents). `evaluate()`: shapes-parser class accuracy of class-conditional samples on the shapes world, and a
+Frechet distance between feature statistics of samples and real images when `config.eval.fid_feature` names a
+feature function (`FEATURES`; "random_conv" is a fixed random conv net: only a *relative* number, not FID).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.tree_util import Partial
+
+from diffusion_jax.core import losses as losses_lib
+from diffusion_jax.core import samplers as samplers_lib
+from diffusion_jax.core.schedules import make_schedule
+from diffusion_jax.experiments.base import EXPERIMENTS, Experiment, ExperimentState
+from diffusion_jax.models import build_model
+from diffusion_jax.registry import Registry, check_choice
+
+OBJECTIVES = ("edm", "adm")
+VAES = ("none", "sd", "space_to_depth")
+DATASETS = ("shapes", "tfds")
+FEATURES = Registry("feature function")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _get(cfg, key, default):
+  return cfg[key] if (cfg is not None and key in cfg) else default
+
+
+def space_to_depth(x, f: int):
+  b, h, w, c = x.shape
+  return x.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // f, w // f, f * f * c)
+
+
+def depth_to_space(z, f: int):
+  b, h, w, cc = z.shape
+  c = cc // (f * f)
+  return z.reshape(b, h, w, f, f, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * f, w * f, c)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+  """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017), via symmetric eigendecompositions:
+  Tr((S1 S2)^(1/2)) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))."""
+  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+  s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+  if mu1.shape != mu2.shape or s1.shape != s2.shape:
+    raise ValueError(f"Frechet distance needs matching statistics, got {mu1.shape}/{s1.shape} vs {mu2.shape}/{s2.shape}.")
+  w, v = np.linalg.eigh((s1 + s1.T) / 2)
+  r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  m = r1 @ s2 @ r1
+  ev = np.linalg.eigvalsh((m + m.T) / 2)
+  tr_sqrt = np.sqrt(np.clip(ev, 0, None)).sum()
+  return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def feature_statistics(features) -> Tuple[np.ndarray, np.ndarray]:
+  f = np.asarray(features, np.float64)
+  return f.mean(0), np.cov(f, rowvar=False)
+
+
+@FEATURES.register("random_conv")
+def random_conv_features(images, seed: int = 0, width: int = 64):
+  """A fixed random 3-layer conv net (stride 2, ReLU) + global average pool: [B, H, W, 3] in [-1, 1] -> [B, 2w].
+
+  Only useful for *relative* comparisons between models on the same data (e.g. the shapes ablation); it is not
+  Inception-FID. Pass your own feature function (`GenerationExperiment(config, feature_fn=...)`) for real FID.
+  """
+  return np.asarray(_random_conv(jnp.asarray(images, jnp.float32), seed, width))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_conv(x, seed, width):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  h = x
+  feats = []
+  for i, k in enumerate(keys):
+    cin = h.shape[-1]
+    w = jax.random.normal(k, (3, 3, cin, width), jnp.float32) / np.sqrt(9 * cin)
+    h = jax.nn.relu(jax.lax.conv_general_dilated(h, w, (2, 2), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    if i >= 1:
+      feats.append(h.mean((1, 2)))
+  return jnp.concatenate(feats, -1)
+
+
+# ------------------------------------------------------------------------------- module-level callables
+# (module-level so that samplers / jit see the same function object every call: no re-tracing)
+
+
+def _apply_model(model, time_scale, variables, x, t, y):
+  return model.apply(variables, x, t * time_scale, y)
+
+
+def _vae_decode(vae, params, z):
+  return vae.apply({"params": params}, z, method="decode")
+
+
+def _vae_encode(vae, params, x):
+  return vae.apply({"params": params}, x, method="encode")
+
+
+# ---------------------------------------------------------------------------------------- experiment
+
+
+@EXPERIMENTS.register("generation")
+class GenerationExperiment(Experiment):
+  """See the module docstring. `feature_fn(images [B, H, W, 3] in [-1, 1]) -> [B, F]` overrides
+  `config.eval.fid_feature` (e.g. an Inception network) for the Frechet distance in `evaluate()`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, feature_fn: Optional[Callable] = None):
+    super().__init__(config)
+    c = config
+    self.objective = check_choice("diffusion objective (config.diffusion.objective)",
+                                  _get(c.get("diffusion"), "objective", "edm"), OBJECTIVES)
+    lat = c.get("latent") or ml_collections.ConfigDict()
+    self.vae_kind = check_choice("VAE (config.latent.vae)", _get(lat, "vae", "none"), VAES)
+    self.data_name = check_choice("dataset (config.data.name)", c.data.name, DATASETS)
+    self.image_size = int(_get(c.data, "image_size", 32))
+    self.num_classes = int(_get(c.model, "num_classes", 0))
+    self.label_dropout = float(_get(c.get("cond"), "label_dropout", 0.1 if self.num_classes else 0.0))
+    self.model = build_model(c.model, dtype=c.get("dtype", "float32"), remat=c.get("remat", "none"))
+    d = c.get("diffusion") or ml_collections.ConfigDict()
+    self.sigma_data = float(_get(d, "sigma_data", 0.5))
+    self.time_scale = float(_get(d, "time_scale", 1.0))
+    self.schedule = make_schedule(_get(d, "beta_schedule", "linear"), int(_get(d, "num_train_timesteps", 1000)),
+                                  float(_get(d, "beta_start", 1e-4)), float(_get(d, "beta_end", 0.02)))
+    self.scale_factor = float(_get(lat, "scale_factor", 0.18215 if self.vae_kind == "sd" else 1.0))
+    self.s2d = int(_get(lat, "factor", 2))
+    self.cache_latents = bool(_get(lat, "cache", False))
+    self._vae = None
+    self.feature_fn = feature_fn
+    self._apply_fn = functools.partial(_apply_model, self.model, self.time_scale)
+    if self.vae_kind == "sd" and not _get(lat, "vae_path", ""):
+      raise ValueError("config.latent.vae='sd' needs config.latent.vae_path: a diffusers AutoencoderKL directory "
+                       "(e.g. a local copy of stabilityai/sd-vae-ft-ema).")
+
+  # ------------------------------------------------------------------ latent space
+  @property
+  def learn_sigma(self) -> bool:
+    return bool(getattr(self.model, "learn_sigma", False))
+
+  def _load_vae(self):
+    if self._vae is None:
+      from diffusion_jax.models.vae import AutoencoderKL
+      from diffusion_jax.pretrained.diffusers_io import load_vae
+      cfg, params = load_vae(self.config.latent.vae_path)
+      self._vae = (AutoencoderKL(cfg), jax.tree.map(jnp.asarray, params))
+    return self._vae
+
+  def latent_shape(self) -> Tuple[int, int, int]:
+    s = self.image_size
+    if self.vae_kind == "none":
+      return (s, s, 3)
+    if self.vae_kind == "space_to_depth":
+      return (s // self.s2d, s // self.s2d, 3 * self.s2d ** 2)
+    vae, _ = self._load_vae()
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    return (s // f, s // f, vae.config.latent_channels)
+
+  def encode_moments(self, frozen, images):
+    """Images [-1, 1] -> posterior moments [mean, logvar] (last axis), unscaled."""
+    if self.vae_kind == "space_to_depth":
+      z = space_to_depth(images, self.s2d)
+      return jnp.concatenate([z, jnp.full_like(z, -30.0)], -1)
+    vae, params = self._load_vae()
+    p = frozen.get("vae", params) if isinstance(frozen, dict) else params
+    return _vae_encode(vae, p, images)
+
+  def to_latent(self, frozen, batch, rng):
+    if self.vae_kind == "none":
+      return batch["image"]
+    moments = batch["moments"] if "moments" in batch else self.encode_moments(frozen, batch["image"])
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    z = mean + jnp.exp(0.5 * jnp.clip(logvar, -30, 20)) * jax.random.normal(rng, mean.shape)
+    return z * self.scale_factor
+
+  def decode(self, frozen, z):
+    if self.vae_kind == "none":
+      return z
+    z = z / self.scale_factor
+    if self.vae_kind == "space_to_depth":
+      return depth_to_space(z, self.s2d)
+    vae, params = self._load_vae()
+    return jax.jit(functools.partial(_vae_decode, vae))(frozen.get("vae", params), z)
+
+  # ------------------------------------------------------------------ data
+  def _source(self, split: str, seed: int):
+    dc = self.config.data
+    if self.data_name == "shapes":
+      from diffusion_jax.data import shapes as S
+      cfg = S.ShapesConfig.from_dict(dict(_get(dc, "shapes", {}) or {}), image_size=self.image_size)
+      n = int(_get(dc, "num_train" if split == "train" else "num_test", 50000 if split == "train" else 1000))
+      return S.ShapesSource(n, seed=seed, cfg=cfg, split=split)
+    import tensorflow_datasets as tfds
+    if not _get(dc, "tfds_name", ""):
+      raise ValueError("config.data.name='tfds' needs config.data.tfds_name (e.g. 'cifar10', 'imagenet2012').")
+    return tfds.data_source(dc.tfds_name, split=split, data_dir=_get(dc, "data_dir", "") or None)
+
+  def make_dataset(self, split: str, *, seed: int, shard_index: int = 0, shard_count: int = 1):
+    from diffusion_jax.data.pipeline import ResizeCrop, SelectKeys, ToFloatImage, make_pipeline
+    dc = self.config.data
+    source = self._source(split, int(self.config.seed))
+    transforms = [ResizeCrop(self.image_size), ToFloatImage("image"), _EnsureLabel(self.num_classes),
+                  SelectKeys(("image", "label"))]
+    if self.vae_kind != "none" and self.cache_latents:
+      source = self._cached_source(source, transforms, split)
+      transforms = []
+    return make_pipeline(source, transforms, batch_size=int(dc.batch_size) // shard_count, seed=seed,
+                         shuffle=split == "train", num_epochs=None if split == "train" else 1,
+                         num_workers=int(_get(dc, "num_workers", 0)), prefetch=int(_get(dc, "prefetch", 2)),
+                         shard_index=shard_index, shard_count=shard_count, drop_remainder=split == "train")
+
+  def _cached_source(self, source, transforms, split):
+    lat = self.config.latent
+    cache_dir = _get(lat, "cache_dir", "")
+    path = os.path.join(cache_dir, f"latents_{split}.npz") if cache_dir else ""
+    if path and os.path.exists(path):
+      data = dict(np.load(path))
+      if len(data["label"]) != len(source):
+        raise ValueError(f"Latent cache {path} holds {len(data['label'])} examples but the data set has "
+                         f"{len(source)}; delete the cache or point config.latent.cache_dir elsewhere.")
+      return _ArraySource(data)
+    bs = 64
+    moments, labels = [], []
+    for start in range(0, len(source), bs):
+      exs = [functools.reduce(lambda e, t: t.map(e), transforms, source[i])
+             for i in range(start, min(start + bs, len(source)))]
+      imgs = jnp.asarray(np.stack([e["image"] for e in exs]))
+      moments.append(np.asarray(self.encode_moments({}, imgs), np.float32))
+      labels.append(np.asarray([e["label"] for e in exs], np.int32))
+    data = {"moments": np.concatenate(moments), "label": np.concatenate(labels)}
+    if path:
+      os.makedirs(cache_dir, exist_ok=True)
+      np.savez(path, **data)
+    return _ArraySource(data)
+
+  # ------------------------------------------------------------------ model
+  def init(self, rng, batch) -> ExperimentState:
+    shape = self.latent_shape()
+    b = 1
+    x = jnp.zeros((b,) + shape, jnp.float32)
+    t = jnp.zeros((b,), jnp.float32)
+    y = jnp.zeros((b,), jnp.int32) if self.num_classes else None
+    variables = self.model.init(rng, x, t, y)
+    frozen = {}
+    if self.vae_kind == "sd":
+      frozen = {"vae": self._load_vae()[1]}
+    return ExperimentState(params=variables["params"], frozen=frozen)
+
+  def denoiser(self, params) -> Partial:
+    """`fn(x, t, y)` for the core samplers / losses (a `Partial`, so new params do not re-trace)."""
+    return Partial(self._apply_fn, {"params": params})
+
+  def _labels(self, batch, rng):
+    if not self.num_classes:
+      return None
+    y = batch["label"].astype(jnp.int32)
+    if self.label_dropout > 0:
+      drop = jax.random.uniform(rng, y.shape) < self.label_dropout
+      y = jnp.where(drop, self.num_classes, y)
+    return y
+
+  def loss(self, params, frozen, ema, batch, rng, step):
+    k_lat, k_lab, k_loss = jax.random.split(rng, 3)
+    x0 = self.to_latent(frozen, batch, k_lat)
+    y = self._labels(batch, k_lab)
+    fn = self.denoiser(params)
+    if self.objective == "edm":
+      d = self.config.get("diffusion") or {}
+      loss, terms = losses_lib.edm_loss(fn, x0, k_loss, cond=y, sigma_data=self.sigma_data,
+                                        p_mean=float(_get(d, "p_mean", -1.2)), p_std=float(_get(d, "p_std", 1.2)))
+      metrics = {"mse": terms["mse"].mean()}
+    elif self.learn_sigma:
+      loss, terms = losses_lib.hybrid_loss(fn, x0, k_loss, schedule=self.schedule, cond=y,
+                                           lambda_vlb=float(_get(self.config.get("diffusion"), "lambda_vlb", 1.0)))
+      metrics = {"mse": terms["mse"].mean(), "vlb": terms["vlb"].mean()}
+    else:
+      loss, terms = losses_lib.diffusion_loss(fn, x0, k_loss, schedule=self.schedule, cond=y)
+      metrics = {"mse": terms["mse"].mean()}
+    return loss.mean(), metrics
+
+  # ------------------------------------------------------------------ sampling
+  def sample_latents(self, params, rng, labels=None, num: Optional[int] = None, **overrides):
+    """Runs the configured sampler; returns latents [num, h, w, c] (pixels in [-1, 1] without a VAE)."""
+    sc = dict(self.config.get("sample") or {})
+    sc.update(overrides)
+    if labels is None and self.num_classes:
+      labels = jnp.arange(num) % self.num_classes
+    num = int(num if num is not None else len(labels))
+    k_noise, k_samp = jax.random.split(rng)
+    x_T = jax.random.normal(k_noise, (num,) + self.latent_shape(), jnp.float32)
+    cond = None if labels is None else jnp.asarray(labels, jnp.int32)
+    gscale = float(sc.get("guidance_scale", 1.0))
+    uncond = None
+    if cond is not None and gscale != 1.0:
+      uncond = jnp.full_like(cond, self.num_classes)
+    kw = dict(cond=cond, uncond=uncond, guidance_scale=gscale if uncond is not None else None,
+              guidance_schedule=sc.get("guidance_schedule", "constant"),
+              guidance_power=float(sc.get("guidance_power", 4.0)),
+              guidance_channels=sc.get("guidance_channels", None), rng=k_samp)
+    fn = self.denoiser(params)
+    if self.objective == "edm":
+      return samplers_lib.edm_sample(fn, x_T, num_steps=int(sc.get("num_steps", 18)), prediction_type="edm",
+                                     sigma_data=self.sigma_data, sigma_min=float(sc.get("sigma_min", 0.002)),
+                                     sigma_max=float(sc.get("sigma_max", 80.0)), rho=float(sc.get("rho", 7.0)),
+                                     S_churn=float(sc.get("S_churn", 0.0)), **kw)
+    return samplers_lib.ddpm_sample(fn, x_T, num_steps=int(sc.get("num_steps", 250)), schedule=self.schedule,
+                                    prediction_type="epsilon",
+                                    variance_type="learned_range" if self.learn_sigma else "fixed_small",
+                                    timestep_spacing=sc.get("timestep_spacing", "linspace"),
+                                    clip_sample=sc.get("clip_sample", None), **kw)
+
+  def generate(self, params, frozen, rng, labels=None, num=None, **overrides):
+    """Images [num, H, W, 3] in [-1, 1] (decoded through the VAE in latent mode)."""
+    z = self.sample_latents(params, rng, labels, num, **overrides)
+    return jnp.clip(self.decode(frozen, z), -1.0, 1.0)
+
+  def sample(self, params, frozen, rng, num: int):
+    imgs = self.generate(params, frozen, rng, num=num)
+    return np.asarray((imgs + 1.0) / 2.0)
+
+  # ------------------------------------------------------------------ evaluation
+  def _features(self, images):
+    if self.feature_fn is not None:
+      return np.asarray(self.feature_fn(images))
+    name = _get(self.config.get("eval"), "fid_feature", "random_conv" if self.data_name == "shapes" else "none")
+    if name == "none":
+      return None
+    return FEATURES.get(name)(images)
+
+  def evaluate(self, params, frozen, rng, workdir: str) -> Dict[str, float]:
+    ec = self.config.get("eval") or ml_collections.ConfigDict()
+    n = int(_get(ec, "num_samples", 256))
+    bs = int(_get(ec, "batch_size", 128))
+    labels = (np.arange(n) % self.num_classes).astype(np.int32) if self.num_classes else None
+    imgs = []
+    for i, start in enumerate(range(0, n, bs)):
+      lab = None if labels is None else labels[start:start + bs]
+      imgs.append(np.asarray(self.generate(params, frozen, jax.random.fold_in(rng, i), lab,
+                                           num=min(bs, n - start))))
+    imgs = np.concatenate(imgs)
+    out: Dict[str, float] = {"num_samples": float(n)}
+    if self.data_name == "shapes" and self.num_classes:
+      from diffusion_jax.data import shapes as S
+      from diffusion_jax.eval import shapes_parser as P
+      cfg = S.ShapesConfig.from_dict(dict(_get(self.config.data, "shapes", {}) or {}), image_size=self.image_size)
+      out["class_accuracy"] = float(P.class_accuracy(imgs, labels, cfg=cfg, value_range="-1,1"))
+    feats = self._features(imgs)
+    if feats is not None:
+      ref = self._reference_images(n)
+      out["frechet_distance"] = frechet_distance(*feature_statistics(feats),
+                                                 *feature_statistics(self._features(ref)))
+    return out
+
+  def _reference_images(self, n: int) -> np.ndarray:
+    from diffusion_jax.data.pipeline import ResizeCrop, ToFloatImage
+    src = self._source("test", int(self.config.seed))
+    n = min(n, len(src))
+    tr = [ResizeCrop(self.image_size), ToFloatImage("image")]
+    return np.stack([functools.reduce(lambda e, t: t.map(e), tr, src[i])["image"] for i in range(n)])
+
+
+class _EnsureLabel:
+  """Adds label 0 to unlabelled examples (unconditional data sets), picklable."""
+
+  def __init__(self, num_classes: int):
+    self.num_classes = num_classes
+
+  def map(self, example):
+    example = dict(example)
+    if "label" not in example:
+      if self.num_classes:
+        raise KeyError("Class-conditional training (config.model.num_classes > 0) needs a 'label' in every "
+                       "example; set num_classes=0 for an unconditional run.")
+      example["label"] = np.int32(0)
+    example["label"] = np.int32(example["label"])
+    return example
+
+  __call__ = map
+
+
+class _ArraySource:
+  """Random-access source over a dict of equal-length arrays (the cached latents)."""
+
+  def __init__(self, data: Dict[str, np.ndarray]):
+    self.data = data
+    self.n = len(next(iter(data.values())))
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return {k: v[int(i)] for k, v in self.data.items()}
