@@ -61,8 +61,8 @@ class Denoiser(nn.Module):
     h = jnp.concatenate([x, t[:, None], onehot], axis=-1).astype(self.dtype)
     h = nn.Dense(self.width, dtype=self.dtype)(h)
     block = maybe_remat(Block, self.remat)
-    for _ in range(self.depth):
-      h = block(self.width, dtype=self.dtype)(h)
+    for i in range(self.depth):
+      h = block(self.width, dtype=self.dtype, name=f"block_{i}")(h)
     return nn.Dense(DIM, dtype=self.dtype)(h).astype(jnp.float32)
 
 
