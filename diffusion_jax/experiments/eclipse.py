@@ -371,7 +371,7 @@ class EclipsePrior(Experiment):
     scores = shapes_parser.score_all(imgs, np.asarray(objects[:num]))
     try:
       from diffusion_jax.train.metrics import image_grid, save_png
-      save_png(os.path.join(workdir, "samples", "end_to_end.png"), image_grid(imgs[:64]))
+      save_png(os.path.join(workdir, "samples", "end_to_end.png"), image_grid(imgs[:64].astype(np.float32) / 255.0))
     except Exception as e:  # pragma: no cover - the picture is informational
       logging.warning("Could not save the end-to-end grid: %s", e)
     return {f"e2e_{k}": float(v) for k, v in scores.items()}
