@@ -93,8 +93,8 @@ def test_tmsa_matches_numpy(heads):
   x = np.random.RandomState(0).randn(b, 2, w * w, d).astype(np.float32)   # 2 windows per image
   c = np.random.RandomState(1).randn(b, dt).astype(np.float32)
   m = TMSA(d, heads, w)
-  params = _randomize(m.init(jax.random.key(0), x, c))["params"]
-  got = np.asarray(m.apply({"params": params}, x, c))
+  params = _randomize(jax.jit(m.init)(jax.random.key(0), x, c))["params"]
+  got = np.asarray(jax.jit(m.apply)({"params": params}, x, c))
   for i in range(b):
     for k in range(2):
       want = np_tmsa_window(x[i, k], c[i], params, heads, w)
@@ -108,8 +108,8 @@ def test_diffit_block_windows_match_numpy(affine):
   x = np.random.RandomState(2).randn(2, h, w, d).astype(np.float32)
   c = np.random.RandomState(3).randn(2, 5).astype(np.float32)
   m = DiffiTBlock(d, heads, mlp_ratio=2.0, window_size=win, ln_affine=affine)
-  params = _randomize(m.init(jax.random.key(0), x, c), seed=1)["params"]
-  got = np.asarray(m.apply({"params": params}, x, c))
+  params = _randomize(jax.jit(m.init)(jax.random.key(0), x, c), seed=1)["params"]
+  got = np.asarray(jax.jit(m.apply)({"params": params}, x, c))
   for i in range(2):
     np.testing.assert_allclose(got[i], np_diffit_block(x[i], c[i], params, heads, win, affine),
                                rtol=2e-4, atol=2e-4)
@@ -120,11 +120,12 @@ def test_windows_do_not_communicate():
   x = np.random.RandomState(0).randn(1, 4, 4, 8).astype(np.float32)
   c = np.ones((1, 4), np.float32)
   m = DiffiTBlock(8, 2, window_size=2)
-  params = _randomize(m.init(jax.random.key(0), x, c))
-  y0 = np.asarray(m.apply(params, x, c))
+  apply = jax.jit(m.apply)
+  params = _randomize(jax.jit(m.init)(jax.random.key(0), x, c))
+  y0 = np.asarray(apply(params, x, c))
   x2 = x.copy()
   x2[0, 0, 0] += 1.0                      # a token in the top-left window
-  y1 = np.asarray(m.apply(params, x2, c))
+  y1 = np.asarray(apply(params, x2, c))
   assert np.abs(y1[0, :2, :2] - y0[0, :2, :2]).max() > 1e-3
   np.testing.assert_allclose(y1[0, 2:], y0[0, 2:], atol=1e-6)
   np.testing.assert_allclose(y1[0, :, 2:], y0[0, :, 2:], atol=1e-6)
