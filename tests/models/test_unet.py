@@ -75,13 +75,18 @@ def test_unet_parity_and_export(tmp_path, kw, hw):
   assert cfg.use_linear_projection == kw.get("use_linear_projection", False)
   x, ctx, t, labels = inputs(kw, hw)
   want = torch_forward(tm, x, ctx, t, labels)
-  got = UNet2DConditionModel(cfg).apply({"params": params}, x, t, ctx, class_labels=labels)
+  got = jax.jit(UNet2DConditionModel(cfg).apply)({"params": params}, x, t, ctx, class_labels=labels)
   assert got.shape == want.shape
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
   # Export: our files load in diffusers and give the same outputs.
   save_unet(str(tmp_path / "export"), cfg, params)
   back = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "export")).eval()
   np.testing.assert_allclose(torch_forward(back, x, ctx, t, labels), want, atol=1e-5, rtol=0)
+  if kw is SD1_TINY:  # bf16 compute with fp32 params stays close to the fp32 reference
+    low = jax.jit(UNet2DConditionModel(cfg, dtype=jnp.bfloat16).apply)({"params": params}, x, t, ctx,
+                                                                        class_labels=labels)
+    assert low.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(low, np.float32) - want).max() < 0.05 * np.abs(want).max() + 0.05
 
 
 def test_unet_controlnet_residuals_parity(tmp_path):
@@ -97,10 +102,11 @@ def test_unet_controlnet_residuals_parity(tmp_path):
   mid = rng.standard_normal((2, 4, 4, 64)).astype(np.float32)
   want = torch_forward(tm, x, ctx, t, None, down_block_additional_residuals=[nchw(d) for d in down],
                        mid_block_additional_residual=nchw(mid))
-  got = UNet2DConditionModel(cfg).apply({"params": params}, x, t, ctx, down_block_additional_residuals=down,
-                                        mid_block_additional_residual=mid)
+  apply = jax.jit(UNet2DConditionModel(cfg).apply)
+  got = apply({"params": params}, x, t, ctx, down_block_additional_residuals=down,
+              mid_block_additional_residual=mid)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
-  plain = UNet2DConditionModel(cfg).apply({"params": params}, x, t, ctx)
+  plain = apply({"params": params}, x, t, ctx)
   assert np.abs(np.asarray(plain) - want).max() > 1e-2  # the residuals matter
   with pytest.raises(ValueError, match="both"):
     UNet2DConditionModel(cfg).apply({"params": params}, x, t, ctx, down_block_additional_residuals=down)
@@ -120,15 +126,3 @@ def test_param_counts_real_configs():
   """Counts of the real configurations, built abstractly (SD-1.5: 859.5M; SD-2.1: 865.9M)."""
   assert round(count_params(abstract_unet_params(sd15_unet_config())) / 1e6, 1) == 859.5
   assert round(count_params(abstract_unet_params(sd21_unet_config())) / 1e6, 1) == 865.9
-
-
-def test_bf16_compute_close():
-  """bf16 compute (params fp32) stays close to fp32 on a tiny model."""
-  cfg = unet_config_from_diffusers(dict(SD1_TINY, num_class_embeds=None))
-  x, ctx, t, _ = inputs(SD1_TINY)
-  model = UNet2DConditionModel(cfg)
-  params = model.init(jax.random.PRNGKey(0), x, t, ctx)["params"]
-  a = model.apply({"params": params}, x, t, ctx)
-  b = UNet2DConditionModel(cfg, dtype=jnp.bfloat16).apply({"params": params}, x, t, ctx)
-  assert b.dtype == jnp.bfloat16
-  assert float(jnp.abs(a - b.astype(jnp.float32)).max()) < 0.1 * float(jnp.abs(a).max()) + 0.05
