@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.min_lr_ratio = 0.05
   c.optim.grad_clip = 1.0
 
-  c.train.num_steps = 3 if tiny else 800
+  c.train.num_steps = 3 if tiny else (500 if variant in ("tmsa", "adaln") else 800)
   c.train.log_every = 1 if tiny else 100
   c.train.ckpt_every = 0
   c.train.sample_every = 0
