@@ -9,6 +9,13 @@ import pytest
 from diffusion_jax.models import clip
 
 
+def _random_params(module, *args, seed=0, **kw):
+  """Random params with the module's shapes, without running the (slow, per-shape compiled) initialisers."""
+  shapes = jax.eval_shape(lambda *a: module.init(jax.random.PRNGKey(0), *a, **kw), *args)
+  r = np.random.RandomState(seed)
+  return jax.tree_util.tree_map(lambda s: jnp.asarray(0.3 * r.randn(*s.shape), s.dtype), shapes)
+
+
 def _abstract_count(module, *shapes_dtypes):
   args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes_dtypes]
   return clip.count_params(clip.abstract_params(module, *args))
@@ -44,16 +51,17 @@ def test_text_causal_and_padding():
   cfg = _tiny().text
   m = clip.CLIPTextModel(cfg, with_projection=True)
   ids = jnp.array([[1, 5, 7, 59, 3, 3, 3, 3]])
-  p = m.init(jax.random.PRNGKey(0), ids)
-  a = m.apply(p, ids)
-  b = m.apply(p, ids.at[0, 5].set(9))
+  p = _random_params(m, ids)
+  f = jax.jit(m.apply)
+  a = f(p, ids)
+  b = f(p, ids.at[0, 5].set(9))
   # causal: positions before the change are untouched, so is the EOS-pooled feature (EOS = max id at 3)
   np.testing.assert_allclose(a["last_hidden_state"][:, :5], b["last_hidden_state"][:, :5], atol=1e-6)
   np.testing.assert_allclose(a["text_embeds"], b["text_embeds"], atol=1e-6)
   assert not np.allclose(a["last_hidden_state"][:, 5], b["last_hidden_state"][:, 5])
   # padding mask changes the hidden states after EOS only
   mask = jnp.array([[1, 1, 1, 1, 0, 0, 0, 0]])
-  c = m.apply(p, ids, mask)
+  c = jax.jit(m.apply)(p, ids, mask)
   np.testing.assert_allclose(c["last_hidden_state"][:, :4], a["last_hidden_state"][:, :4], atol=1e-6)
   assert not np.allclose(c["last_hidden_state"][:, 6], a["last_hidden_state"][:, 6])
   assert len(a["hidden_states"]) == cfg.num_hidden_layers + 1
@@ -64,21 +72,24 @@ def test_clip_model_dtype_remat_and_errors():
   ids = jnp.array([[1, 5, 59, 0, 0, 0, 0, 0], [1, 2, 3, 59, 0, 0, 0, 0]])
   px = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
   m = clip.CLIPModel(cfg)
-  p = m.init(jax.random.PRNGKey(0), ids, px)
+  p = _random_params(m, ids, px)
+  p["params"]["logit_scale"] = jnp.asarray(2.6592)
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(p))
-  out = m.apply(p, ids, px)
+  out = jax.jit(m.apply)(p, ids, px)
   np.testing.assert_allclose(np.linalg.norm(out["image_embeds"], axis=-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(out["logits_per_image"], out["logits_per_text"].T)
   np.testing.assert_allclose(out["logits_per_text"],
                              out["text_embeds"] @ out["image_embeds"].T * np.exp(2.6592), rtol=1e-5)
-  r = clip.CLIPModel(cfg, remat=True).apply(p, ids, px)
+  r = jax.jit(clip.CLIPModel(cfg, remat=True).apply)(p, ids, px)
   np.testing.assert_allclose(r["logits_per_text"], out["logits_per_text"], atol=1e-5)
-  half = clip.CLIPModel(cfg, dtype=jnp.bfloat16).apply(p, ids, px)
+  half = jax.jit(clip.CLIPModel(cfg, dtype=jnp.bfloat16).apply)(p, ids, px)
   assert half["text_model_output"]["last_hidden_state"].dtype == jnp.bfloat16
   np.testing.assert_allclose(half["logits_per_text"], out["logits_per_text"], atol=0.2)
   with pytest.raises(ValueError, match="NHWC"):
-    m.apply(p, ids, jnp.zeros((2, 3, 8, 8)))
+    clip.CLIPVisionModel(cfg.vision).apply({"params": {"vision_model": p["params"]["vision_model"]}},
+                                           jnp.zeros((2, 3, 8, 8)))
   with pytest.raises(ValueError, match="max_position_embeddings"):
-    clip.CLIPTextModel(cfg.text).init(jax.random.PRNGKey(0), jnp.zeros((1, 9), jnp.int32))
+    clip.CLIPTextModel(cfg.text).apply({"params": {"text_model": p["params"]["text_model"]}},
+                                       jnp.zeros((1, 9), jnp.int32))
   with pytest.raises(ValueError, match="vit-l-14"):
     clip.clip_config("vit-h-14")
