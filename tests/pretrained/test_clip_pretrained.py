@@ -187,3 +187,12 @@ def test_pickle_refused_without_flag(tmp_path):
     ref = tm(torch.tensor(ids), attention_mask=torch.tensor(mask))
   _close(module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))["pooler_output"],
          ref.pooler_output, "pooler_output (pickle)")
+
+
+def test_pipeline_text_encoder_subfolder(tmp_path):
+  tm = _perturb(transformers.CLIPTextModelWithProjection(_text_cfg()), seed=4)
+  tm.save_pretrained(tmp_path / "text_encoder", safe_serialization=True)
+  module, params, cfg = clip_io.load_clip(str(tmp_path), subfolder="text_encoder")
+  assert cfg.projection_dim == 16 and module.with_projection
+  with pytest.raises(ValueError, match="Valid CLIP kind"):
+    clip_io.load_clip(str(tmp_path), subfolder="text_encoder", kind="txt")

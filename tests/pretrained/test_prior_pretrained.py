@@ -182,3 +182,7 @@ def test_pipeline_subfolder(tmp_path):
   m.save_pretrained(tmp_path / "prior", safe_serialization=True)
   _, _, cfg = prior_io.load_prior(str(tmp_path), subfolder="prior")
   assert cfg.num_layers == 1 and cfg.embedding_dim == D
+  _, _, cfg2 = prior_io.load_prior(str(tmp_path))  # a pipeline directory: its prior/ folder is used
+  assert cfg2 == cfg
+  with pytest.raises(FileNotFoundError, match="subfolder"):
+    prior_io.load_prior(str(tmp_path), subfolder="decoder")
