@@ -96,7 +96,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax
   if _is_multihost():
-    jax.distributed.initialize()
+    # On SLURM / TPU VMs / Kubernetes JAX detects everything; JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +
+    # JAX_PROCESS_ID (see launch/local_multiprocess.sh) cover any other cluster.
+    kwargs = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+      kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+      kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
   logging.info("JAX %s: process %d/%d, %d devices (%d local), platform %s.", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count(),
                jax.devices()[0].platform)
