@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.name = "shapes"
   c.data.image_size = 32
   c.data.batch_size = 16 if tiny else 128
-  c.data.num_train = 256 if tiny else 50000
+  c.data.num_train = 256 if tiny else 20000
   c.data.num_test = 64 if tiny else 500
   c.data.num_workers = 0
 
@@ -50,9 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 5 if tiny else 100
   c.optim.grad_clip = 1.0
 
-  c.train.num_steps = 10 if tiny else 1500
+  c.train.num_steps = 10 if tiny else 800
   c.train.log_every = 5 if tiny else 100
-  c.train.ckpt_every = 10 if tiny else 500
+  c.train.ckpt_every = 10 if tiny else 400
   c.train.eval_every = 0          # export (hf_clip) happens at evaluation: only at the end
   c.train.sample_every = 0
   c.train.ema_decays = ()

@@ -89,8 +89,8 @@ class ClipPretrain(Experiment):
     if self.config.data.name != "shapes":
       raise ValueError(f"clip_pretrain trains on the shapes world only (config.data.name='shapes'), got "
                        f"{self.config.data.name!r}. Use a pretrained CLIP for other data.")
-    return S.ShapesSource(num, seed=seed, cfg=S.ShapesConfig(image_size=int(self.config.data.image_size)),
-                          split=split)
+    return clip_cache.ShapesPairSource(num, seed=seed, cfg=S.ShapesConfig(image_size=int(self.config.data.image_size)),
+                                       split=split, memo=split == "train")
 
   def make_dataset(self, split: str, *, seed: int, shard_index: int = 0, shard_count: int = 1):
     from diffusion_jax.data.pipeline import make_pipeline
