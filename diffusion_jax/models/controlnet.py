@@ -201,18 +201,30 @@ COPIED_FROM_UNET = ("conv_in", "time_embedding", "class_embedding", "mid_block")
 
 def init_controlnet_from_unet(unet_params, config: ControlNetConfig, rng=None):
   """ControlNet params whose encoder is a copy of the UNet's (conv_in, time_embedding, down_blocks_*, mid_block,
-  class_embedding if any); the conditioning embedding is random with a zero conv_out and every
-  controlnet_*_block is zero, so the initial residuals are exactly zero (CoDi A3, Prompt Diffusion B3)."""
+  class_embedding if any); the conditioning embedding(s) are random with a zero conv_out and every
+  controlnet_*_block is zero, so the initial residuals are exactly zero (CoDi A3, Prompt Diffusion B3).
+
+  Only the small conditioning embeddings are initialised randomly (no full ControlNet init is run)."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  params = dict(init_controlnet(rng, config))
-  for k in list(params):
+  abstract = abstract_controlnet_params(config)
+  params = {}
+  for k, tree in abstract.items():
     if k in COPIED_FROM_UNET or k.startswith("down_blocks_"):
       if k not in unet_params:
         raise ValueError(f"UNet params have no {k!r}; build the ControlNet config with controlnet_config_from_unet.")
-      want = jax.tree_util.tree_map(lambda a: a.shape, params[k])
-      got = jax.tree_util.tree_map(lambda a: a.shape, unet_params[k])
+      want = jax.tree_util.tree_map(lambda a: tuple(a.shape), tree)
+      got = jax.tree_util.tree_map(lambda a: tuple(a.shape), unet_params[k])
       if want != got:
         raise ValueError(f"UNet params {k!r} do not match the ControlNet config (shapes differ); build the "
                          "ControlNet config with controlnet_config_from_unet(unet_config).")
       params[k] = jax.tree_util.tree_map(jnp.array, unet_params[k])
+    elif k in ("controlnet_cond_embedding", "controlnet_query_cond_embedding"):
+      ch = (config.conditioning_channels if k == "controlnet_cond_embedding"
+            else config.query_conditioning_channels)
+      emb = ControlNetConditioningEmbedding(config.block_out_channels[0], config.conditioning_embedding_out_channels)
+      f = 2 ** (len(config.conditioning_embedding_out_channels) - 1)
+      rng, sub = jax.random.split(rng)
+      params[k] = jax.jit(emb.init)(sub, jnp.zeros((1, f, f, ch)))["params"]
+    else:  # zero convolutions
+      params[k] = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), tree)
   return params
