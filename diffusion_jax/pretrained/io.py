@@ -44,8 +44,9 @@ def load_state_dict(path: str, *, allow_pickle: bool = False) -> Dict[str, np.nd
 def save_state_dict(state: Mapping[str, Any], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
   from safetensors.numpy import save_file
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  arrays = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32) if np.asarray(v).dtype.kind == "f"
-                                    else np.asarray(v)) for k, v in state.items()}
+  # np.array(order="C") keeps 0-d arrays 0-d (np.ascontiguousarray would turn them into shape (1,)).
+  arrays = {k: np.array(v, dtype=np.float32 if np.asarray(v).dtype.kind == "f" else None, order="C")
+            for k, v in state.items()}
   save_file(arrays, path, metadata=metadata or {"format": "pt"})
 
 
