@@ -1,0 +1,66 @@
+"""Shared checkpoint I/O: dtype/shape round trip, pickle refusal, name checks, tree flattening."""
+
+import os
+
+import numpy as np
+import pytest
+
+from diffusion_jax.pretrained import io
+
+
+def test_safetensors_round_trip_keeps_shapes_and_casts_floats(tmp_path):
+  path = str(tmp_path / "w.safetensors")
+  state = {"scalar": np.array(2.5), "w": np.arange(6, dtype=np.float64).reshape(2, 3),
+           "ids": np.arange(4, dtype=np.int64)}
+  io.save_state_dict(state, path)
+  back = io.load_state_dict(path)
+  assert back["scalar"].shape == () and back["scalar"].dtype == np.float32 and float(back["scalar"]) == 2.5
+  assert back["w"].dtype == np.float32 and back["w"].shape == (2, 3)
+  np.testing.assert_array_equal(back["w"], state["w"])
+  assert back["ids"].dtype == np.int64
+  np.testing.assert_array_equal(back["ids"], state["ids"])
+
+
+def test_pickle_refused_without_flag(tmp_path):
+  path = tmp_path / "model.bin"
+  path.write_bytes(b"not really a pickle")
+  with pytest.raises(io.CheckpointError, match="allow_pickle"):
+    io.load_state_dict(str(path))
+  with pytest.raises(io.CheckpointError, match="safetensors are required"):
+    io.find_weights_file(str(tmp_path), "model")
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not found"):
+    io.load_state_dict(str(tmp_path / "nope.safetensors"))
+  other = tmp_path / "w.npz"
+  other.write_bytes(b"")
+  with pytest.raises(io.CheckpointError, match="expected a .safetensors"):
+    io.load_state_dict(str(other))
+  with pytest.raises(FileNotFoundError, match="No model.safetensors"):
+    io.find_weights_file(str(tmp_path), "model")
+
+
+def test_check_names_lists_missing_and_unexpected():
+  io.check_names(["a", "b"], ["b", "a"], "ckpt")  # same set: no error
+  with pytest.raises(io.CheckpointError) as e:
+    io.check_names(["a", "b", "c"], ["a", "x"], "ckpt")
+  msg = str(e.value)
+  assert "missing 2 name(s) [b, c]" in msg and "unexpected 1 name(s) [x]" in msg
+  with pytest.raises(io.CheckpointError, match=r"checkpoint has \(2,\), model expects \(3,\)"):
+    io.check_shape("w", (2,), (3,))
+
+
+def test_flatten_unflatten_inverse():
+  tree = {"a": {"b": 1, "c": {"d": 2}}, "e": 3}
+  flat = io.flatten(tree)
+  assert flat == {"a/b": 1, "a/c/d": 2, "e": 3}
+  assert io.unflatten(flat) == tree
+
+
+def test_json_round_trip(tmp_path):
+  p = os.path.join(tmp_path, "sub", "config.json")
+  io.write_json({"x": 1, "y": [1, 2]}, p)
+  assert io.read_json(p) == {"x": 1, "y": [1, 2]}
+  with pytest.raises(FileNotFoundError, match="Missing config file"):
+    io.read_json(os.path.join(tmp_path, "none.json"))
