@@ -439,8 +439,11 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   step = start
   t_log, step_log = time.time(), start
   with _Preemption() as preemption:
+    multi = jax.process_count() > 1
     while step < num_steps:
-      if preemption.flag:
+      # One host's SIGTERM flag is not enough on several hosts (they must stop at the same step): there
+      # orbax's preemption check syncs through jax.distributed's preemption notifier.
+      if (ckpt.manager.reached_preemption(step) if multi else preemption.flag):
         preempted = True
         break
       host_batch = first_batch if first_batch is not None else next(run.iterator)
