@@ -30,6 +30,11 @@ the loop as a *traced argument*, not as Python constants baked into a fresh clos
 A new closure (e.g. `lambda x, t, c: model.apply(params, x, t, c)` built inside a loop) is a new cache
 key and re-traces on every call.
 
+`unroll` (all samplers, static): `lax.scan` unroll factor. 1 (default) keeps compile time independent of
+`num_steps`; on multi-core CPUs XLA parallelises ops inside a rolled loop body less well than top-level ops,
+so a fully unrolled loop (`unroll=num_steps`) can be faster there at the price of compile time (see the
+benchmark in the README).
+
 Guidance (all samplers): `cond`, `uncond` (same pytree structure), `guidance_scale` (traced: changing it
 does not re-trace), `guidance_schedule` ("constant" | "power_cosine"), `guidance_power` (p = 4 for
 DiffiT ImageNet-256), `guidance_channels` (guide only the first k output channels; defaults to the eps
@@ -67,6 +72,7 @@ class _Static(NamedTuple):
   guidance_channels: Optional[int]
   num_train_timesteps: int
   extra: tuple = ()
+  unroll: int = 1
 
 
 def _as_partial(fn) -> Partial:
@@ -85,7 +91,7 @@ def _check_schedule(schedule, sampler: str) -> Schedule:
 
 
 def _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_schedule, guidance_power,
-                     guidance_channels, T, extra=()):
+                     guidance_channels, T, extra=(), unroll=1):
   check_choice("guidance schedule", guidance_schedule, guidance_lib.GUIDANCE_SCHEDULES)
   guided = guidance_lib.check_guidance(guidance_scale, uncond, cond)
   if guided:
@@ -95,7 +101,8 @@ def _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_sch
       raise ValueError(f"cond and uncond must have the same pytree structure, got {ts} and {us}.")
   scale = jnp.asarray(1.0 if guidance_scale is None else guidance_scale, f32)
   static = _Static(prediction_type, guided, guidance_schedule, float(guidance_power),
-                   None if guidance_channels is None else int(guidance_channels), int(T), tuple(extra))
+                   None if guidance_channels is None else int(guidance_channels), int(T), tuple(extra),
+                   max(1, int(unroll)))
   return static, scale
 
 
@@ -162,14 +169,14 @@ def _ddpm_loop(fn, x_T, keys, step_noise, co, cond, uncond, gscale, st: _Static)
     x = mean + c["nonzero"] * std * noise
     return x, None
 
-  x, _ = jax.lax.scan(body, x_T.astype(f32), (co, keys, step_noise))
+  x, _ = jax.lax.scan(body, x_T.astype(f32), (co, keys, step_noise), unroll=st.unroll)
   return x.astype(in_dtype)
 
 
 @SAMPLERS.register("ddpm")
 def ddpm_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, prediction_type: str = "epsilon",
                 rng=None, cond=None, uncond=None, guidance_scale=None, guidance_schedule: str = "constant",
-                guidance_power: float = 4.0, guidance_channels: Optional[int] = None,
+                guidance_power: float = 4.0, guidance_channels: Optional[int] = None, unroll: int = 1,
                 timestep_spacing: str = "leading", steps_offset: int = 0,
                 variance_type: str = "fixed_small", clip_sample: Optional[float] = None, step_noise=None):
   """DDPM ancestral sampling (Ho et al. 2020), diffusers `DDPMScheduler` semantics.
@@ -209,7 +216,8 @@ def ddpm_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, predicti
                   std_small=var_small ** 0.5, std_large=beta ** 0.5, log_var_small=np.log(var_small),
                   log_beta=log_beta, nonzero=(ts > 0).astype(np.float32)))
   st, gscale = _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_schedule, guidance_power,
-                                guidance_channels, T, (variance_type, None if clip_sample is None else float(clip_sample)))
+                                guidance_channels, T, (variance_type, None if clip_sample is None else float(clip_sample)),
+                                unroll=unroll)
   keys, step_noise = _step_keys(rng, len(ts), step_noise, x_T.shape, "ddpm_sample")
   return _ddpm_loop(_as_partial(denoise_fn), x_T, keys, step_noise, co, cond, uncond, gscale, st)
 
@@ -233,7 +241,7 @@ def _ddim_loop(fn, x_T, keys, step_noise, co, eta, cond, uncond, gscale, st: _St
       x = x + std * _noise_for(key, nz, x.shape)
     return x, None
 
-  x, _ = jax.lax.scan(body, x_T.astype(f32), (co, keys, step_noise))
+  x, _ = jax.lax.scan(body, x_T.astype(f32), (co, keys, step_noise), unroll=st.unroll)
   return x.astype(in_dtype)
 
 
@@ -241,7 +249,8 @@ def _ddim_loop(fn, x_T, keys, step_noise, co, eta, cond, uncond, gscale, st: _St
 def ddim_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, prediction_type: str = "epsilon",
                 eta: float = 0.0, rng=None, cond=None, uncond=None, guidance_scale=None,
                 guidance_schedule: str = "constant", guidance_power: float = 4.0,
-                guidance_channels: Optional[int] = None, timestep_spacing: str = "leading", steps_offset: int = 0,
+                guidance_channels: Optional[int] = None, unroll: int = 1, timestep_spacing: str = "leading",
+                steps_offset: int = 0,
                 set_alpha_to_one: bool = True, clip_sample: Optional[float] = None, step_noise=None):
   """DDIM (Song et al. 2021, Eq. 12), diffusers `DDIMScheduler` semantics.
 
@@ -265,7 +274,8 @@ def ddim_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, predicti
                   one_minus_a_prev=one - a_p, std1=np.maximum(var, 0.0) ** 0.5))
   stochastic = not (isinstance(eta, (int, float)) and float(eta) == 0.0)
   st, gscale = _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_schedule, guidance_power,
-                                guidance_channels, T, (None if clip_sample is None else float(clip_sample), stochastic))
+                                guidance_channels, T, (None if clip_sample is None else float(clip_sample), stochastic),
+                                unroll=unroll)
   keys, noise = (None, None)
   if stochastic:
     keys, noise = _step_keys(rng, len(ts), step_noise, x_T.shape, "ddim_sample with eta > 0")
@@ -287,14 +297,14 @@ def _dpmpp_loop(fn, x_T, co, cond, uncond, gscale, st: _Static):
     return (x, m0), None
 
   x = x_T.astype(f32)
-  (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), co)
+  (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), co, unroll=st.unroll)
   return x.astype(in_dtype)
 
 
 @SAMPLERS.register("dpmpp_2m")
 def dpmpp_2m_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, prediction_type: str = "epsilon",
                     rng=None, cond=None, uncond=None, guidance_scale=None, guidance_schedule: str = "constant",
-                    guidance_power: float = 4.0, guidance_channels: Optional[int] = None,
+                    guidance_power: float = 4.0, guidance_channels: Optional[int] = None, unroll: int = 1,
                     timestep_spacing: str = "linspace", steps_offset: int = 0, lower_order_final: bool = True):
   """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), diffusers `DPMSolverMultistepScheduler` defaults
   (solver_order=2, algorithm "dpmsolver++", solver_type "midpoint", final_sigmas_type "zero", spacing
@@ -332,7 +342,7 @@ def dpmpp_2m_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, pred
       d[i] = 0.5 * b[i] / r
   co = _np32(dict(t=ts, alpha=alpha[:-1], sigma=sig[:-1], a=a, b=b, d=d))
   st, gscale = _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_schedule, guidance_power,
-                                guidance_channels, T)
+                                guidance_channels, T, unroll=unroll)
   return _dpmpp_loop(_as_partial(denoise_fn), x_T, co, cond, uncond, gscale, st)
 
 
@@ -371,14 +381,14 @@ def _euler_loop(fn, x_T, co, cond, uncond, gscale, st: _Static):
     d = (x - x0) / c["sigma"]
     return x + d * c["dt"], None
 
-  x, _ = jax.lax.scan(body, x_T.astype(f32) * co["init"][0], co)
+  x, _ = jax.lax.scan(body, x_T.astype(f32) * co["init"][0], co, unroll=st.unroll)
   return x.astype(in_dtype)
 
 
 @SAMPLERS.register("euler")
 def euler_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, prediction_type: str = "epsilon",
                  rng=None, cond=None, uncond=None, guidance_scale=None, guidance_schedule: str = "constant",
-                 guidance_power: float = 4.0, guidance_channels: Optional[int] = None,
+                 guidance_power: float = 4.0, guidance_channels: Optional[int] = None, unroll: int = 1,
                  timestep_spacing: str = "linspace", steps_offset: int = 0, use_karras_sigmas: bool = True,
                  rho: float = 7.0):
   """Euler on the probability-flow ODE in VE sigma space (Karras et al. 2022, Alg. 1 with Euler steps),
@@ -400,7 +410,7 @@ def euler_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, predict
   co = _np32(dict(t=ts, sigma=s, in_scale=1.0 / np.sqrt(s ** 2 + 1.0), v_coef=-s / np.sqrt(s ** 2 + 1.0),
                   dt=sig[1:] - s, init=np.full_like(s, np.float32(init))))
   st, gscale = _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_schedule, guidance_power,
-                                guidance_channels, T)
+                                guidance_channels, T, unroll=unroll)
   return _euler_loop(_as_partial(denoise_fn), x_T, co, cond, uncond, gscale, st)
 
 
@@ -437,7 +447,7 @@ def _edm_loop(fn, x_T, keys, co, last, cond, uncond, gscale, st: _Static):
     return x_next, None
 
   x = x_T.astype(f32) * last["init"]
-  x, _ = jax.lax.scan(body, x, (co, keys))
+  x, _ = jax.lax.scan(body, x, (co, keys), unroll=st.unroll)
   # Final step to sigma = 0: Euler (Karras et al. 2022, Alg. 2 line 7 is skipped when t_{i+1} = 0).
   if churn:
     x = x + last["noise_scale"] * jax.random.normal(last["key"], x.shape, f32)
@@ -451,7 +461,7 @@ def edm_sample(denoise_fn, x_T, *, num_steps: int, prediction_type: str = "edm",
                sigma_data: float = 0.5, second_order: bool = True, S_churn: float = 0.0, S_tmin: float = 0.0,
                S_tmax: float = float("inf"), S_noise: float = 1.0, rng=None, cond=None, uncond=None,
                guidance_scale=None, guidance_schedule: str = "constant", guidance_power: float = 4.0,
-               guidance_channels: Optional[int] = None):
+               guidance_channels: Optional[int] = None, unroll: int = 1):
   """EDM sampler (Karras et al. 2022, Algorithm 2): Heun's 2nd-order method on the Karras sigma grid
   (rho = 7) with optional stochastic churn; `second_order=False` gives the Euler variant (same grid).
 
@@ -509,7 +519,7 @@ def edm_sample(denoise_fn, x_T, *, num_steps: int, prediction_type: str = "edm",
   else:
     keys = None
   st, gscale = _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_schedule, guidance_power,
-                                guidance_channels, T, (float(sigma_data), bool(second_order), churn))
+                                guidance_channels, T, (float(sigma_data), bool(second_order), churn), unroll=unroll)
   return _edm_loop(_as_partial(denoise_fn), x_T, keys, co, last, cond, uncond, gscale, st)
 
 
@@ -543,14 +553,14 @@ def _consistency_loop(fn, x_T, co, cond, uncond, gscale, st: _Static):
     x0 = c["c_skip"] * z + c["c_out"] * x0
     return c["alpha_s"] * x0 + c["sigma_s"] * eps, None
 
-  z, _ = jax.lax.scan(body, x_T.astype(f32), co)
+  z, _ = jax.lax.scan(body, x_T.astype(f32), co, unroll=st.unroll)
   return z.astype(in_dtype)
 
 
 @SAMPLERS.register("consistency")
 def consistency_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, prediction_type: str = "v_prediction",
                        rng=None, cond=None, uncond=None, guidance_scale=None, guidance_schedule: str = "constant",
-                       guidance_power: float = 4.0, guidance_channels: Optional[int] = None,
+                       guidance_power: float = 4.0, guidance_channels: Optional[int] = None, unroll: int = 1,
                        grid_size: int = 50, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
   """CoDi's deterministic few-step consistency rollout (released Flax pipeline; codi.md A5).
 
@@ -571,7 +581,7 @@ def consistency_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, p
   co = _np32(dict(t=ts, alpha=np.sqrt(ac[ts]), sigma=np.sqrt(1 - ac[ts]), alpha_s=np.sqrt(ac[ss]),
                   sigma_s=np.sqrt(1 - ac[ss]), c_skip=d2 / (k ** 2 + d2), c_out=k / np.sqrt(k ** 2 + d2)))
   st, gscale = _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_schedule, guidance_power,
-                                guidance_channels, T)
+                                guidance_channels, T, unroll=unroll)
   return _consistency_loop(_as_partial(denoise_fn), x_T, co, cond, uncond, gscale, st)
 
 

@@ -135,8 +135,9 @@ def test_bf16_dtype_shape_and_no_retrace(sampler, pred, extra):
   out2 = core.sample(sampler, Partial(_apply, params2), x * 2, **_kw(sampler, pred, extra))
   assert TRACES["n"] == n1, "second call with new params / inputs of the same shape re-traced"
   assert not np.allclose(np.asarray(out2, np.float32), np.asarray(out, np.float32))  # params were used
-  core.sample(sampler, Partial(_apply, params2), x, **_kw(sampler, pred, extra, n=5))
-  assert TRACES["n"] > n1  # a new step count is a new trace (documented)
+  if sampler == "ddim":
+    core.sample(sampler, Partial(_apply, params2), x, **_kw(sampler, pred, extra, n=5))
+    assert TRACES["n"] > n1  # a new step count is a new trace (documented)
 
 
 def test_guidance_scale_change_does_not_retrace():
