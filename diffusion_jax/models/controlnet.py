@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import sd_layers as L
+from diffusion_jax.models import MODELS
 from diffusion_jax.models.unet import (BlockConfigMixin, UNetConfig, build_down_blocks, build_embedding,
-                                       build_mid_block, config_from_dict, config_to_dict)
-from diffusion_jax.registry import check_choice
+                                       build_mid_block, config_from_dict, config_to_dict, tiny_unet_config)
+from diffusion_jax.registry import Registry, check_choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,20 @@ def sd15_controlnet_config(**overrides) -> ControlNetConfig:
   return ControlNetConfig(**kw)
 
 
+def tiny_controlnet_config(**overrides) -> ControlNetConfig:
+  """The ControlNet of `tiny_unet_config()` (conditioning at 8x the latent size, as in SD)."""
+  return controlnet_config_from_unet(tiny_unet_config(), **overrides)
+
+
+CONTROLNET_CONFIGS = Registry("SD ControlNet config preset")
+CONTROLNET_CONFIGS.register("sd15")(sd15_controlnet_config)
+CONTROLNET_CONFIGS.register("tiny")(tiny_controlnet_config)
+
+
+def resolve_controlnet_config(c: Union[ControlNetConfig, str]) -> ControlNetConfig:
+  return CONTROLNET_CONFIGS.get(c)() if isinstance(c, str) else c
+
+
 class ControlNetConditioningEmbedding(nn.Module):
   """Small CNN from the condition image (full resolution) to latent resolution, zero-initialised output."""
   out_channels: int
@@ -121,18 +136,21 @@ class ControlNetConditioningEmbedding(nn.Module):
     return L._conv(self.out_channels, dtype=self.dtype, name="conv_out", zero_init=True)(x)
 
 
+@MODELS.register("sd_controlnet")
 class ControlNetModel(nn.Module):
   """Returns `(down_block_residuals, mid_block_residual)` for `UNet2DConditionModel`.
 
   Inputs NHWC: `sample` (B, h, w, in_channels) latents, `controlnet_cond` (B, h*8, w*8, conditioning_channels)
-  for the default 3-stride embedding, `encoder_hidden_states` (B, T, cross_attention_dim)."""
-  config: ControlNetConfig
+  for the default 3-stride embedding, `encoder_hidden_states` (B, T, cross_attention_dim).
+  `config`: a ControlNetConfig or a preset name ("sd15", "tiny"); `remat` as in UNet2DConditionModel."""
+  config: Union[ControlNetConfig, str]
   dtype: Any = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
                class_labels=None, guess_mode: bool = False, controlnet_query_cond=None):
-    cfg, dtype = self.config, self.dtype
+    cfg, dtype = resolve_controlnet_config(self.config), jnp.dtype(self.dtype)
     if controlnet_cond.shape[-1] != cfg.conditioning_channels:
       raise ValueError(f"controlnet_cond has {controlnet_cond.shape[-1]} channels (NHWC expected); this ControlNet "
                        f"takes conditioning_channels={cfg.conditioning_channels}.")
@@ -155,8 +173,8 @@ class ControlNetModel(nn.Module):
                          "controlnet_query_cond.")
       x = x + ControlNetConditioningEmbedding(cfg.block_out_channels[0], cfg.conditioning_embedding_out_channels,
                                               dtype=dtype, name="controlnet_query_cond_embedding")(controlnet_query_cond)
-    x, skips = build_down_blocks(cfg, dtype, x, emb, ctx)
-    x = build_mid_block(cfg, dtype, x, emb, ctx)
+    x, skips = build_down_blocks(cfg, dtype, x, emb, ctx, self.remat)
+    x = build_mid_block(cfg, dtype, x, emb, ctx, self.remat)
     down = [L._conv(s.shape[-1], kernel=1, padding=0, dtype=dtype, name=f"controlnet_down_blocks_{i}",
                     zero_init=True)(s) for i, s in enumerate(skips)]
     mid = L._conv(x.shape[-1], kernel=1, padding=0, dtype=dtype, name="controlnet_mid_block", zero_init=True)(x)
@@ -184,16 +202,23 @@ def _dummy_inputs(config: ControlNetConfig, latent_hw):
   return x, ctx, cond, q, labels
 
 
-def init_controlnet(rng, config: ControlNetConfig, latent_hw: Tuple[int, int] = (8, 8)):
-  """Fresh ControlNet params (zero convs zero, the rest random)."""
+def _init(rng, config: ControlNetConfig, latent_hw):
   x, ctx, cond, q, labels = _dummy_inputs(config, latent_hw)
   return ControlNetModel(config).init(rng, x, jnp.zeros((1,)), ctx, cond, class_labels=labels,
                                       controlnet_query_cond=q)["params"]
 
 
+def init_controlnet(rng, config: ControlNetConfig, latent_hw: Tuple[int, int] = (8, 8)):
+  """Fresh ControlNet params (zero convs zero, the rest random). To start from a UNet, use
+  `init_controlnet_from_unet` instead."""
+  config = resolve_controlnet_config(config)
+  return jax.jit(lambda r: _init(r, config, latent_hw))(rng)
+
+
 def abstract_controlnet_params(config: ControlNetConfig):
   """Shape/dtype tree of the params via `jax.eval_shape`."""
-  return jax.eval_shape(lambda r: init_controlnet(r, config), jax.random.PRNGKey(0))
+  config = resolve_controlnet_config(config)
+  return jax.eval_shape(lambda r: _init(r, config, (8, 8)), jax.random.PRNGKey(0))
 
 
 COPIED_FROM_UNET = ("conv_in", "time_embedding", "class_embedding", "mid_block")
@@ -206,6 +231,7 @@ def init_controlnet_from_unet(unet_params, config: ControlNetConfig, rng=None):
 
   Only the small conditioning embeddings are initialised randomly (no full ControlNet init is run)."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
+  config = resolve_controlnet_config(config)
   abstract = abstract_controlnet_params(config)
   params = {}
   for k, tree in abstract.items():

@@ -30,6 +30,12 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def maybe_remat(module_cls, remat: str):
+  """`nn.remat(module_cls)` with the policy named by `config.remat` ('none' | 'full' | 'dots' | ...)."""
+  from diffusion_jax.models.layers import maybe_remat as _maybe_remat
+  return module_cls if remat == "none" else _maybe_remat(module_cls, remat)
+
+
 def get_timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool = False,
                            freq_shift: float = 1.0, scale: float = 1.0,
                            max_period: float = 10000.0) -> jax.Array:
@@ -248,9 +254,7 @@ class Upsample2D(nn.Module):
 
 
 class CrossAttnDownBlock2D(nn.Module):
-  """`num_layers` x (ResnetBlock2D, Transformer2DModel), optional Downsample2D; returns (h, skip states).
-
-  `additional_residual` (ControlNet-XS style, unused by SD ControlNet) is added after the last pair."""
+  """`num_layers` x (ResnetBlock2D, Transformer2DModel), optional Downsample2D; returns (h, skip states)."""
   out_channels: int
   num_layers: int
   heads: int
@@ -261,15 +265,18 @@ class CrossAttnDownBlock2D(nn.Module):
   downsample_padding: int = 1
   use_linear_projection: bool = False
   upcast_attention: bool = False
+  remat: str = "none"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, temb, context):
+    Res = maybe_remat(ResnetBlock2D, self.remat)
+    Tr = maybe_remat(Transformer2DModel, self.remat)
     states = []
     for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
-      x = Transformer2DModel(self.heads, self.transformer_layers[i], self.groups, self.use_linear_projection,
-                             self.upcast_attention, dtype=self.dtype, name=f"attentions_{i}")(x, context)
+      x = Res(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+      x = Tr(self.heads, self.transformer_layers[i], self.groups, self.use_linear_projection,
+             self.upcast_attention, dtype=self.dtype, name=f"attentions_{i}")(x, context)
       states.append(x)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, self.downsample_padding, dtype=self.dtype, name="downsamplers_0")(x)
@@ -285,13 +292,15 @@ class DownBlock2D(nn.Module):
   groups: int = 32
   eps: float = 1e-5
   downsample_padding: int = 1
+  remat: str = "none"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, temb, context=None):
+    Res = maybe_remat(ResnetBlock2D, self.remat)
     states = []
     for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+      x = Res(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
       states.append(x)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, self.downsample_padding, dtype=self.dtype, name="downsamplers_0")(x)
@@ -309,18 +318,21 @@ class UNetMidBlock2DCrossAttn(nn.Module):
   output_scale_factor: float = 1.0
   use_linear_projection: bool = False
   upcast_attention: bool = False
+  remat: str = "none"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, temb, context):
+    Res = maybe_remat(ResnetBlock2D, self.remat)
+    Tr = maybe_remat(Transformer2DModel, self.remat)
     c = x.shape[-1]
-    x = ResnetBlock2D(c, self.groups, self.eps, output_scale_factor=self.output_scale_factor, dtype=self.dtype,
-                      name="resnets_0")(x, temb)
+    x = Res(c, self.groups, self.eps, output_scale_factor=self.output_scale_factor, dtype=self.dtype,
+            name="resnets_0")(x, temb)
     for i in range(self.num_layers):
-      x = Transformer2DModel(self.heads, self.transformer_layers, self.groups, self.use_linear_projection,
-                             self.upcast_attention, dtype=self.dtype, name=f"attentions_{i}")(x, context)
-      x = ResnetBlock2D(c, self.groups, self.eps, output_scale_factor=self.output_scale_factor,
-                        dtype=self.dtype, name=f"resnets_{i + 1}")(x, temb)
+      x = Tr(self.heads, self.transformer_layers, self.groups, self.use_linear_projection,
+             self.upcast_attention, dtype=self.dtype, name=f"attentions_{i}")(x, context)
+      x = Res(c, self.groups, self.eps, output_scale_factor=self.output_scale_factor,
+              dtype=self.dtype, name=f"resnets_{i + 1}")(x, temb)
     return x
 
 
@@ -337,16 +349,19 @@ class CrossAttnUpBlock2D(nn.Module):
   eps: float = 1e-5
   use_linear_projection: bool = False
   upcast_attention: bool = False
+  remat: str = "none"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, skips, temb, context, upsample_size=None):
+    Res = maybe_remat(ResnetBlock2D, self.remat)
+    Tr = maybe_remat(Transformer2DModel, self.remat)
     skips = list(skips)
     for i in range(self.num_layers):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
-      x = Transformer2DModel(self.heads, self.transformer_layers[i], self.groups, self.use_linear_projection,
-                             self.upcast_attention, dtype=self.dtype, name=f"attentions_{i}")(x, context)
+      x = Res(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+      x = Tr(self.heads, self.transformer_layers[i], self.groups, self.use_linear_projection,
+             self.upcast_attention, dtype=self.dtype, name=f"attentions_{i}")(x, context)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
     return x
@@ -359,14 +374,16 @@ class UpBlock2D(nn.Module):
   add_upsample: bool = True
   groups: int = 32
   eps: float = 1e-5
+  remat: str = "none"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, skips, temb, context=None, upsample_size=None):
+    Res = maybe_remat(ResnetBlock2D, self.remat)
     skips = list(skips)
     for i in range(self.num_layers):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+      x = Res(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
     return x

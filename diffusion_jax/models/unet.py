@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import sd_layers as L
-from diffusion_jax.registry import check_choice
+from diffusion_jax.models import MODELS
+from diffusion_jax.registry import Registry, check_choice
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -187,6 +188,17 @@ def tiny_unet_config(**overrides) -> UNetConfig:
   return UNetConfig(**kw)
 
 
+UNET_CONFIGS = Registry("SD UNet config preset")
+UNET_CONFIGS.register("sd15")(sd15_unet_config)
+UNET_CONFIGS.register("sd21")(sd21_unet_config)
+UNET_CONFIGS.register("tiny")(tiny_unet_config)
+
+
+def resolve_unet_config(c: Union[UNetConfig, str]) -> UNetConfig:
+  """A UNetConfig, or a preset name looked up in UNET_CONFIGS."""
+  return UNET_CONFIGS.get(c)() if isinstance(c, str) else c
+
+
 def build_embedding(config, dtype, timesteps, class_labels, batch: int):
   """time_proj + time_embedding (+ class_embedding); call inside a compact module (creates submodules)."""
   t = jnp.asarray(timesteps)
@@ -202,7 +214,7 @@ def build_embedding(config, dtype, timesteps, class_labels, batch: int):
   return emb
 
 
-def build_down_blocks(config, dtype, x, temb, context):
+def build_down_blocks(config, dtype, x, temb, context, remat: str = "none"):
   """conv_in output `x` through the down blocks; returns (h, skips) with skips[0] = x (diffusers order)."""
   skips = [x]
   n = len(config.down_block_types)
@@ -214,38 +226,45 @@ def build_down_blocks(config, dtype, x, temb, context):
                                    add_downsample=not final, groups=config.norm_num_groups, eps=config.norm_eps,
                                    downsample_padding=config.downsample_padding,
                                    use_linear_projection=config.use_linear_projection,
-                                   upcast_attention=config.upcast_attention, dtype=dtype, name=f"down_blocks_{i}")
+                                   upcast_attention=config.upcast_attention, remat=remat, dtype=dtype,
+                                   name=f"down_blocks_{i}")
     else:
       blk = L.DownBlock2D(c, config.layers[i], add_downsample=not final, groups=config.norm_num_groups,
-                          eps=config.norm_eps, downsample_padding=config.downsample_padding, dtype=dtype,
-                          name=f"down_blocks_{i}")
+                          eps=config.norm_eps, downsample_padding=config.downsample_padding, remat=remat,
+                          dtype=dtype, name=f"down_blocks_{i}")
     x, states = blk(x, temb, context)
     skips.extend(states)
   return x, skips
 
 
-def build_mid_block(config, dtype, x, temb, context):
+def build_mid_block(config, dtype, x, temb, context, remat: str = "none"):
   if config.mid_block_type is None:
     return x
   return L.UNetMidBlock2DCrossAttn(config.heads[-1], 1, config.transformer_layers[-1], config.norm_num_groups,
                                    config.norm_eps, config.mid_block_scale_factor, config.use_linear_projection,
-                                   config.upcast_attention, dtype=dtype, name="mid_block")(x, temb, context)
+                                   config.upcast_attention, remat=remat, dtype=dtype,
+                                   name="mid_block")(x, temb, context)
 
 
+@MODELS.register("sd_unet")
 class UNet2DConditionModel(nn.Module):
   """SD UNet. Inputs NHWC: `sample` (B, H, W, in_channels), `timesteps` scalar or (B,),
   `encoder_hidden_states` (B, T, cross_attention_dim). Returns (B, H, W, out_channels).
 
   ControlNet: pass both `down_block_additional_residuals` (one per skip, in skip order, as returned by
-  `ControlNetModel`) and `mid_block_additional_residual`; they are added to the skips / mid output."""
-  config: UNetConfig
+  `ControlNetModel`) and `mid_block_additional_residual`; they are added to the skips / mid output.
+
+  `config` is a UNetConfig or a preset name ("sd15", "sd21", "tiny"); `dtype` is the compute dtype (params stay
+  float32); `remat` ("none" | "full" | "dots" | ...) rematerialises every resnet and transformer block."""
+  config: Union[UNetConfig, str]
   dtype: Any = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states, class_labels=None,
                down_block_additional_residuals: Optional[Sequence[jax.Array]] = None,
                mid_block_additional_residual: Optional[jax.Array] = None):
-    cfg, dtype = self.config, self.dtype
+    cfg, dtype = resolve_unet_config(self.config), jnp.dtype(self.dtype)
     if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
       raise ValueError(f"UNet expects NHWC samples with {cfg.in_channels} channels; got shape {sample.shape}.")
     if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
@@ -261,13 +280,13 @@ class UNet2DConditionModel(nn.Module):
     pad = (cfg.conv_in_kernel - 1) // 2
     x = L._conv(cfg.block_out_channels[0], kernel=cfg.conv_in_kernel, padding=pad, dtype=dtype,
                 name="conv_in")(sample.astype(dtype))
-    x, skips = build_down_blocks(cfg, dtype, x, emb, ctx)
+    x, skips = build_down_blocks(cfg, dtype, x, emb, ctx, self.remat)
     if down_block_additional_residuals is not None:
       if len(down_block_additional_residuals) != len(skips):
         raise ValueError(f"Got {len(down_block_additional_residuals)} down-block residuals; this UNet has "
                          f"{len(skips)} skip connections.")
       skips = [s + r.astype(dtype) for s, r in zip(skips, down_block_additional_residuals)]
-    x = build_mid_block(cfg, dtype, x, emb, ctx)
+    x = build_mid_block(cfg, dtype, x, emb, ctx, self.remat)
     if mid_block_additional_residual is not None:
       x = x + mid_block_additional_residual.astype(dtype)
 
@@ -284,11 +303,11 @@ class UNet2DConditionModel(nn.Module):
         x = L.CrossAttnUpBlock2D(rev_ch[i], nl, rev_heads[i], (rev_tl[i],) * nl, add_upsample=not final,
                                  groups=cfg.norm_num_groups, eps=cfg.norm_eps,
                                  use_linear_projection=cfg.use_linear_projection,
-                                 upcast_attention=cfg.upcast_attention, dtype=dtype,
+                                 upcast_attention=cfg.upcast_attention, remat=self.remat, dtype=dtype,
                                  name=f"up_blocks_{i}")(x, block_skips, emb, ctx, size)
       else:
         x = L.UpBlock2D(rev_ch[i], nl, add_upsample=not final, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                        dtype=dtype, name=f"up_blocks_{i}")(x, block_skips, emb, None, size)
+                        remat=self.remat, dtype=dtype, name=f"up_blocks_{i}")(x, block_skips, emb, None, size)
     x = nn.silu(L._gn(cfg.norm_num_groups, cfg.norm_eps, dtype, "conv_norm_out")(x))
     pad = (cfg.conv_out_kernel - 1) // 2
     x = L._conv(cfg.out_channels, kernel=cfg.conv_out_kernel, padding=pad, dtype=dtype, name="conv_out")(x)
@@ -296,17 +315,23 @@ class UNet2DConditionModel(nn.Module):
 
 
 def init_unet(rng, config: UNetConfig, sample_hw: Tuple[int, int] = (8, 8), seq_len: int = 4):
-  """Random params for `config` (float32)."""
+  """Random params for `config` (float32). Jitted; on a CPU the compile dominates (tens of seconds)."""
+  config = resolve_unet_config(config)
   model = UNet2DConditionModel(config)
   x = jnp.zeros((1, *sample_hw, config.in_channels))
   ctx = jnp.zeros((1, seq_len, config.cross_attention_dim))
   labels = jnp.zeros((1,), jnp.int32) if config.num_class_embeds is not None else None
-  return model.init(rng, x, jnp.zeros((1,)), ctx, labels)["params"]
+  return jax.jit(model.init)(rng, x, jnp.zeros((1,)), ctx, labels)["params"]
 
 
 def abstract_unet_params(config: UNetConfig):
   """Shape/dtype tree of the params, built with `jax.eval_shape` (no memory for the weights)."""
-  return jax.eval_shape(lambda r: init_unet(r, config), jax.random.PRNGKey(0))
+  config = resolve_unet_config(config)
+  model = UNet2DConditionModel(config)
+  x = jnp.zeros((1, 8, 8, config.in_channels))
+  ctx = jnp.zeros((1, 4, config.cross_attention_dim))
+  labels = jnp.zeros((1,), jnp.int32) if config.num_class_embeds is not None else None
+  return jax.eval_shape(lambda r: model.init(r, x, jnp.zeros((1,)), ctx, labels)["params"], jax.random.PRNGKey(0))
 
 
 def count_params(tree) -> int:

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from diffusion_jax.models import sd_layers as L
 from diffusion_jax.models.unet import config_from_dict, config_to_dict, count_params  # noqa: F401
-from diffusion_jax.registry import check_choice
+from diffusion_jax.models import MODELS
+from diffusion_jax.registry import Registry, check_choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,15 @@ def tiny_vae_config(**overrides) -> VAEConfig:
             block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16)
   kw.update(overrides)
   return VAEConfig(**kw)
+
+
+VAE_CONFIGS = Registry("SD VAE config preset")
+VAE_CONFIGS.register("sd")(sd_vae_config)
+VAE_CONFIGS.register("tiny")(tiny_vae_config)
+
+
+def resolve_vae_config(c) -> VAEConfig:
+  return VAE_CONFIGS.get(c)() if isinstance(c, str) else c
 
 
 class DiagonalGaussian:
@@ -208,29 +218,33 @@ class Decoder(nn.Module):
     return L._conv(cfg.out_channels, dtype=self.dtype, name="conv_out")(x)
 
 
+@MODELS.register("sd_vae")
 class AutoencoderKL(nn.Module):
   """SD VAE. `model.apply({"params": p}, x, method="encode")` -> moments (B, h, w, 2*latent_channels) (wrap with
   `DiagonalGaussian`); `method="decode"` maps latents back to images. `__call__(x, rng=None)` reconstructs
-  (posterior sample with `rng`, else its mode). Images are NHWC in [-1, 1]."""
-  config: VAEConfig
+  (posterior sample with `rng`, else its mode). Images are NHWC in [-1, 1]. `config`: a VAEConfig or a preset
+  name ("sd", "tiny")."""
+  config: Any
   dtype: Any = jnp.float32
+  remat: str = "none"  # accepted for build_model; the VAE is used frozen, so it is not rematerialised
 
   def setup(self):
-    cfg = self.config
-    self.encoder = Encoder(cfg, dtype=self.dtype)
-    self.decoder = Decoder(cfg, dtype=self.dtype)
+    cfg = self.cfg = resolve_vae_config(self.config)
+    dtype = jnp.dtype(self.dtype)
+    self.encoder = Encoder(cfg, dtype=dtype)
+    self.decoder = Decoder(cfg, dtype=dtype)
     if cfg.use_quant_conv:
-      self.quant_conv = L._conv(2 * cfg.latent_channels, kernel=1, padding=0, dtype=self.dtype)
+      self.quant_conv = L._conv(2 * cfg.latent_channels, kernel=1, padding=0, dtype=dtype)
     if cfg.use_post_quant_conv:
-      self.post_quant_conv = L._conv(cfg.latent_channels, kernel=1, padding=0, dtype=self.dtype)
+      self.post_quant_conv = L._conv(cfg.latent_channels, kernel=1, padding=0, dtype=dtype)
 
   def encode(self, x):
     """Moments [mean, logvar] of the posterior (before clipping)."""
     h = self.encoder(x)
-    return self.quant_conv(h) if self.config.use_quant_conv else h
+    return self.quant_conv(h) if self.cfg.use_quant_conv else h
 
   def decode(self, z):
-    if self.config.use_post_quant_conv:
+    if self.cfg.use_post_quant_conv:
       z = self.post_quant_conv(z.astype(self.dtype))
     return self.decoder(z)
 
@@ -240,18 +254,25 @@ class AutoencoderKL(nn.Module):
     return self.decode(z)
 
 
+def _init(rng, config: VAEConfig, sample_hw):
+  return AutoencoderKL(config).init(rng, jnp.zeros((1, *sample_hw, config.in_channels)))["params"]
+
+
 def init_vae(rng, config: VAEConfig, sample_hw: Tuple[int, int] = (16, 16)):
-  model = AutoencoderKL(config)
-  return model.init(rng, jnp.zeros((1, *sample_hw, config.in_channels)))["params"]
+  """Random params (jitted init)."""
+  config = resolve_vae_config(config)
+  return jax.jit(lambda r: _init(r, config, sample_hw))(rng)
 
 
 def abstract_vae_params(config: VAEConfig):
   """Shape/dtype tree of the params via `jax.eval_shape`."""
-  return jax.eval_shape(lambda r: init_vae(r, config), jax.random.PRNGKey(0))
+  config = resolve_vae_config(config)
+  return jax.eval_shape(lambda r: _init(r, config, (16, 16)), jax.random.PRNGKey(0))
 
 
 def encode_to_latents(params, config: VAEConfig, images, rng=None, dtype=jnp.float32):
   """Images NHWC in [-1, 1] -> diffusion latents `(z - shift) * scaling_factor` (sample with `rng`, else mode)."""
+  config = resolve_vae_config(config)
   post = DiagonalGaussian(AutoencoderKL(config, dtype=dtype).apply({"params": params}, images, method="encode"))
   z = post.sample(rng) if rng is not None else post.mode()
   if config.shift_factor is not None:
@@ -261,6 +282,7 @@ def encode_to_latents(params, config: VAEConfig, images, rng=None, dtype=jnp.flo
 
 def decode_latents(params, config: VAEConfig, latents, dtype=jnp.float32):
   """Diffusion latents -> images NHWC (roughly [-1, 1]); inverts `encode_to_latents`' scaling."""
+  config = resolve_vae_config(config)
   z = latents / config.scaling_factor
   if config.shift_factor is not None:
     z = z + config.shift_factor
