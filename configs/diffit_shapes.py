@@ -26,7 +26,7 @@ from configs import _base
 VARIANTS = ("", "tiny", "tmsa", "adaln")
 
 
-def transformer_ablation_model(kind: str, image_size: int = 32, width: int = 96, depth: int = 4, heads: int = 4):
+def transformer_ablation_model(kind: str, image_size: int = 32, width: int = 64, depth: int = 4, heads: int = 4):
   """The two arms of the TMSA-vs-adaLN ablation, equal parameter count.
 
   Per block, adaLN-Zero costs 6 D^2 (shift/scale/gate x 2) and TMSA's time projection 3 D^2 (+ the bias
@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.min_lr_ratio = 0.05
   c.optim.grad_clip = 1.0
 
-  c.train.num_steps = 3 if tiny else (500 if variant in ("tmsa", "adaln") else 800)
+  c.train.num_steps = 3 if tiny else (600 if variant in ("tmsa", "adaln") else 800)
   c.train.log_every = 1 if tiny else 100
   c.train.ckpt_every = 0
   c.train.sample_every = 0

@@ -50,7 +50,6 @@ from diffusion_jax.registry import Registry, check_choice
 
 OBJECTIVES = ("edm", "adm")
 VAES = ("none", "sd", "space_to_depth")
-DATASETS = ("shapes", "tfds")
 FEATURES = Registry("feature function")
 
 
@@ -148,7 +147,8 @@ class GenerationExperiment(Experiment):
                                   _get(c.get("diffusion"), "objective", "edm"), OBJECTIVES)
     lat = c.get("latent") or ml_collections.ConfigDict()
     self.vae_kind = check_choice("VAE (config.latent.vae)", _get(lat, "vae", "none"), VAES)
-    self.data_name = check_choice("dataset (config.data.name)", c.data.name, DATASETS)
+    from diffusion_jax.data import IMAGE_SOURCES
+    self.data_name = check_choice("dataset (config.data.name)", c.data.name, IMAGE_SOURCES.names())
     self.image_size = int(_get(c.data, "image_size", 32))
     self.num_classes = int(_get(c.model, "num_classes", 0))
     self.label_dropout = float(_get(c.get("cond"), "label_dropout", 0.1 if self.num_classes else 0.0))
@@ -219,16 +219,9 @@ class GenerationExperiment(Experiment):
 
   # ------------------------------------------------------------------ data
   def _source(self, split: str, seed: int):
-    dc = self.config.data
-    if self.data_name == "shapes":
-      from diffusion_jax.data import shapes as S
-      cfg = S.ShapesConfig.from_dict(dict(_get(dc, "shapes", {}) or {}), image_size=self.image_size)
-      n = int(_get(dc, "num_train" if split == "train" else "num_test", 50000 if split == "train" else 1000))
-      return S.ShapesSource(n, seed=seed, cfg=cfg, split=split)
-    import tensorflow_datasets as tfds
-    if not _get(dc, "tfds_name", ""):
-      raise ValueError("config.data.name='tfds' needs config.data.tfds_name (e.g. 'cifar10', 'imagenet2012').")
-    return tfds.data_source(dc.tfds_name, split=split, data_dir=_get(dc, "data_dir", "") or None)
+    """The image source of `config.data` ("shapes" | "tfds" | "folder", `data.make_image_source`)."""
+    from diffusion_jax.data import make_image_source
+    return make_image_source(self.config.data, split, seed)
 
   def make_dataset(self, split: str, *, seed: int, shard_index: int = 0, shard_count: int = 1):
     from diffusion_jax.data.pipeline import ResizeCrop, SelectKeys, ToFloatImage, make_pipeline
@@ -276,10 +269,24 @@ class GenerationExperiment(Experiment):
     t = jnp.zeros((b,), jnp.float32)
     y = jnp.zeros((b,), jnp.int32) if self.num_classes else None
     variables = self.model.init(rng, x, t, y)
+    init_from = self.config.get("init_from", "")
+    if init_from:
+      variables = {"params": self._load_pretrained(init_from, variables["params"])}
     frozen = {}
     if self.vae_kind == "sd":
       frozen = {"vae": self._load_vae()[1]}
     return ExperimentState(params=variables["params"], frozen=frozen)
+
+  def _load_pretrained(self, path: str, like):
+    """Released latent DiffiT weights (NVlabs safetensors layout) -> params shaped like `like`."""
+    from diffusion_jax.pretrained import diffit as pretrained_diffit
+    from diffusion_jax.pretrained import io
+    _, params = pretrained_diffit.load_diffit(path)
+    got, want = io.flatten(params), io.flatten(like)
+    io.check_names(want, got, f"checkpoint {path} (config.init_from)")
+    for k in want:
+      io.check_shape(k, np.shape(got[k]), want[k].shape)
+    return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), params, like)
 
   def denoiser(self, params) -> Partial:
     """`fn(x, t, y)` for the core samplers / losses (a `Partial`, so new params do not re-trace)."""

@@ -1,0 +1,87 @@
+"""The generation experiment: configs' tiny variants through the trainer, Frechet distance, latent helpers."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.experiments import generation as G
+from diffusion_jax.experiments.base import get_experiment
+from diffusion_jax.train.trainer import train
+
+
+def test_tiny_latent_config_trains_and_evaluates(tmp_path):
+  """Latent mode (cached space-to-depth latents), ADM hybrid loss with learned sigma, DDPM learned-range sampler
+  with 3-channel power-cosine CFG, parser + Frechet evaluation, through the real trainer."""
+  cfg = importlib.import_module("configs.diffit_imagenet256").get_config("tiny")
+  out = train(cfg, str(tmp_path))
+  assert out["step"] == cfg.train.num_steps and np.isfinite(out["loss"])
+  assert 0.0 <= out["eval/class_accuracy"] <= 1.0
+  assert np.isfinite(out["eval/frechet_distance"]) and out["eval/frechet_distance"] > 0
+
+
+@pytest.mark.parametrize("name", ["diffit_shapes", "diffit_cifar10", "diffit_ffhq64", "diffit_imagenet512",
+                                  "dit_imagenet256", "dit_shapes"])
+def test_other_tiny_configs_build_and_trace(name):
+  """The other tiny variants: data -> init -> loss and the sampler, traced abstractly (no compile)."""
+  cfg = importlib.import_module(f"configs.{name}").get_config("tiny")
+  exp = get_experiment(cfg)
+  batch = next(iter(exp.make_dataset("train", seed=0)))
+  params = jax.eval_shape(lambda r, b: exp.init(r, b).params, jax.random.key(0), batch)
+  loss, metrics = jax.eval_shape(exp.loss, params, {}, (), batch, jax.random.key(1), 0)
+  assert loss.shape == () and "mse" in metrics
+  y = jnp.arange(2) % max(1, exp.num_classes) if exp.num_classes else None
+  x = jax.eval_shape(lambda p, r: exp.sample_latents(p, r, labels=y, num=2), params, jax.random.key(2))
+  assert x.shape == (2,) + exp.latent_shape()
+
+
+def test_paper_configs_hyperparameters():
+  c = importlib.import_module("configs.diffit_imagenet256").get_config()
+  assert (c.model.depth, c.model.hidden_size, c.model.num_heads, c.model.patch_size) == (28, 1152, 16, 2)
+  assert (c.optim.lr, c.data.batch_size, c.train.ema_decays) == (3e-4, 256, (0.9999,))
+  assert (c.sample.guidance_schedule, c.sample.guidance_channels, c.sample.num_steps) == ("power_cosine", 3, 250)
+  c = importlib.import_module("configs.diffit_imagenet512").get_config()
+  assert (c.model.input_size, c.optim.lr, c.data.batch_size) == (64, 1e-4, 512)
+  assert (c.sample.guidance_scale, c.sample.guidance_schedule) == (1.49, "constant")
+  c = importlib.import_module("configs.diffit_cifar10").get_config()
+  assert (tuple(c.model.channels), c.model.window_size, c.optim.lr, c.data.batch_size) == ((128, 256, 256), 4, 1e-3, 512)
+  assert c.sample.num_steps == 18
+  c = importlib.import_module("configs.diffit_ffhq64").get_config()
+  assert (tuple(c.model.num_blocks), c.model.window_size, c.optim.lr, c.sample.num_steps) == ((1, 2, 2, 2), 8, 2e-4, 40)
+  with pytest.raises(ValueError, match="Valid variants"):
+    importlib.import_module("configs.diffit_cifar10").get_config("huge")
+
+
+def test_frechet_distance_closed_form():
+  rng = np.random.RandomState(0)
+  mu1, mu2 = rng.randn(5), rng.randn(5)
+  v1, v2 = rng.rand(5) + 0.1, rng.rand(5) + 0.1
+  want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()   # commuting (diagonal) case
+  assert G.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(want, rel=1e-9)
+  a = rng.randn(200, 4)
+  q = np.linalg.qr(rng.randn(4, 4))[0]                       # a rotation leaves the distance unchanged
+  m1, s1 = G.feature_statistics(a)
+  m2, s2 = G.feature_statistics(a @ q + 1.0)
+  assert G.frechet_distance(m1, s1, m1, s1) == pytest.approx(0.0, abs=1e-8)
+  d = G.frechet_distance(m1, s1, m2, s2)
+  assert d == pytest.approx(G.frechet_distance(m1 @ q, q.T @ s1 @ q, m2 @ q, q.T @ s2 @ q), rel=1e-6)
+
+
+def test_space_to_depth_round_trip():
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 3))
+  z = G.space_to_depth(x, 2)
+  assert z.shape == (2, 4, 4, 12)
+  np.testing.assert_array_equal(np.asarray(z[0, 1, 2, :3]), np.asarray(x[0, 2, 4]))
+  np.testing.assert_array_equal(np.asarray(G.depth_to_space(z, 2)), np.asarray(x))
+
+
+def test_bad_config_names_fail_early():
+  cfg = importlib.import_module("configs.diffit_shapes").get_config("tiny")
+  cfg.diffusion.objective = "flow"
+  with pytest.raises(ValueError, match="Valid diffusion objective"):
+    get_experiment(cfg)
+  cfg = importlib.import_module("configs.diffit_imagenet256").get_config()
+  with pytest.raises(ValueError, match="vae_path"):
+    get_experiment(cfg)
