@@ -91,9 +91,17 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
+class _QuietLibraries:
+  """Drops INFO records of orbax (several lines per checkpoint) from the console; warnings still show."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "/orbax/" not in getattr(record, "pathname", "")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
   if _is_multihost():
     # On SLURM / TPU VMs / Kubernetes JAX detects everything; JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +

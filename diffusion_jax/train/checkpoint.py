@@ -64,10 +64,23 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
     return self.manager.save(int(step), args=ocp.args.Composite(**args), force=True)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any = None):
-    """Returns (state, saved_config_dict). Sets `data_iterator` to its saved position when possible."""
-    out = self.manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
+  def read_config(self, step: int) -> dict:
+    return self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any = None, config_diff=()):
+    """Returns (state, saved_config_dict). Sets `data_iterator` to its saved position when possible.
+
+    A checkpoint whose arrays do not match the current run's state (another model or optimizer) raises a
+    ValueError naming the differing config keys (`config_diff`) instead of orbax's low-level error."""
+    try:
+      out = self.manager.restore(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      diff = ", ".join(config_diff) or "(none)"
+      raise ValueError(
+          f"The checkpoint at step {step} in {self.directory} does not match the current run's train state "
+          f"({type(e).__name__}: {str(e)[:500]}). Config keys that differ from the checkpoint's: {diff}. "
+          "Use a fresh --workdir, or run with the config the checkpoint was trained with.") from e
     if data_iterator is not None:
       try:
         self.manager.restore(int(step), args=ocp.args.Composite(

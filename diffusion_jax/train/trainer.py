@@ -340,10 +340,10 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   latest = ckpt.latest_step()
   first_batch = run.first_batch
   if latest is not None:
-    state, saved_config = ckpt.restore(latest, run.abstract_state, run.iterator)
+    saved_flat, cur_flat = _flat(ckpt.read_config(latest)), _flat(config_dict)
+    diff = sorted(k for k in set(saved_flat) | set(cur_flat) if saved_flat.get(k) != cur_flat.get(k))
+    state, _ = ckpt.restore(latest, run.abstract_state, run.iterator, config_diff=diff)
     first_batch = None  # the iterator now points at the batch after `latest`.
-    diff = sorted(k for k in set(_flat(saved_config)) | set(_flat(config_dict))
-                  if _flat(saved_config).get(k) != _flat(config_dict).get(k))
     if diff:
       logging.warning("Resuming with a config that differs from the checkpoint's in: %s", ", ".join(diff))
     logging.info("Resumed from %s at step %d.", ckpt.directory, latest)

@@ -92,3 +92,10 @@ def test_load_config_overrides():
   assert c.train.num_steps == 5
   with pytest.raises(KeyError, match="num_stepz"):
     load_config(toy.CONFIG, {"train.num_stepz": 5})
+
+
+def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
+  w = str(tmp_path / "w")
+  trainer.train(toy.toy_config(**{"train.num_steps": 1, "mesh.num_devices": 1}), w)
+  with pytest.raises(ValueError, match=r"does not match.*model\.width"):
+    trainer.train(toy.toy_config(**{"train.num_steps": 2, "mesh.num_devices": 1, "model.width": 16}), w)
