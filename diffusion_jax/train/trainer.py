@@ -153,6 +153,7 @@ class _Run:
     self.config = config
     self.workdir = workdir
     self.experiment: Experiment = get_experiment(config)  # unknown experiment -> lists valid names.
+    self.experiment.workdir = workdir  # the run directory, for experiments with on-disk stages or caches.
     self.mesh = mesh_lib.make_mesh(config.get("mesh"))
     validate_mesh(config, self.mesh)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
