@@ -121,3 +121,34 @@ def test_init_from_unet_matches_diffusers_from_unet(ref):
 def test_param_count_sd15_controlnet():
   """SD-1.5 ControlNet: 361.3M parameters, built abstractly."""
   assert round(count_params(abstract_controlnet_params(sd15_controlnet_config())) / 1e6, 1) == 361.3
+
+
+def test_prompt_diffusion_query_embedding_is_summed():
+  """Prompt Diffusion (B2): the query embedding is added like the pair embedding. With the query embedding a copy
+  of the pair embedding and query == pair image, the residuals equal a plain ControlNet whose embedding output
+  conv is doubled (conv_out is linear)."""
+  from diffusion_jax.models.controlnet import ControlNetConfig
+  kw = dict(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            layers_per_block=1, norm_num_groups=8, cross_attention_dim=8, attention_head_dim=2,
+            conditioning_embedding_out_channels=(8, 16))
+  pd_cfg = ControlNetConfig(query_conditioning_channels=3, **kw)
+  plain_cfg = ControlNetConfig(**kw)
+  assert pd_cfg.to_diffusers()["_class_name"] == "PromptDiffusionControlNetModel"
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(lambda a: 0.1 * rng.standard_normal(a.shape).astype(np.float32),
+                                  abstract_controlnet_params(plain_cfg))
+  emb = params["controlnet_cond_embedding"]
+  pd_params = dict(params, controlnet_cond_embedding=emb, controlnet_query_cond_embedding=emb)
+  doubled = dict(emb, conv_out={k: 2 * v for k, v in emb["conv_out"].items()})
+  plain_params = dict(params, controlnet_cond_embedding=doubled)
+  x = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+  ctx = rng.standard_normal((1, 3, 8)).astype(np.float32)
+  img = rng.uniform(0, 1, (1, 8, 8, 3)).astype(np.float32)
+  t = np.array([10.0], np.float32)
+  a_down, a_mid = jax.jit(ControlNetModel(pd_cfg).apply)({"params": pd_params}, x, t, ctx, img,
+                                                          controlnet_query_cond=img)
+  b_down, b_mid = jax.jit(ControlNetModel(plain_cfg).apply)({"params": plain_params}, x, t, ctx, img)
+  for u, v in zip(list(a_down) + [a_mid], list(b_down) + [b_mid]):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="controlnet_query_cond"):
+    jax.eval_shape(ControlNetModel(pd_cfg).apply, {"params": pd_params}, x, t, ctx, img)

@@ -126,3 +126,19 @@ def test_param_counts_real_configs():
   """Counts of the real configurations, built abstractly (SD-1.5: 859.5M; SD-2.1: 865.9M)."""
   assert round(count_params(abstract_unet_params(sd15_unet_config())) / 1e6, 1) == 859.5
   assert round(count_params(abstract_unet_params(sd21_unet_config())) / 1e6, 1) == 865.9
+
+
+def test_registry_preset_and_remat_match_diffusers(tmp_path):
+  """build_model({"name": "sd_unet", "config": "tiny"}, remat="full") gives the diffusers output for the same
+  weights (remat changes memory, not values)."""
+  from diffusion_jax.models import build_model
+  from diffusion_jax.models.unet import tiny_unet_config
+  kw = {k: v for k, v in tiny_unet_config().to_diffusers().items() if not k.startswith("_")}
+  tm = make_torch_unet(kw)
+  tm.save_pretrained(tmp_path, safe_serialization=True)
+  cfg, params = load_unet(str(tmp_path))
+  assert cfg == tiny_unet_config()
+  model = build_model({"name": "sd_unet", "config": "tiny"}, dtype="float32", remat="full")
+  x, ctx, t, _ = inputs(kw)
+  got = jax.jit(model.apply)({"params": params}, x, t, ctx)
+  np.testing.assert_allclose(np.asarray(got), torch_forward(tm, x, ctx, t, None), atol=1e-4, rtol=0)
