@@ -126,6 +126,7 @@ def _scaled_linear(T, beta_start, beta_end):
   return (_f32(np.linspace(beta_start ** 0.5, beta_end ** 0.5, T)) ** 2).astype(np.float32)
 
 
+@SCHEDULES.register("squaredcos_cap_v2")  # diffusers' name
 @SCHEDULES.register("cosine")
 def _cosine(T, beta_start, beta_end, max_beta=0.999, s=0.008):
   """Improved-DDPM cosine schedule (Nichol & Dhariwal 2021, Eq. 17), betas clipped at 0.999.
@@ -158,7 +159,7 @@ def make_schedule(name: str = "linear", num_train_timesteps: int = 1000, beta_st
 
   Args:
     name: "linear" (DDPM; defaults beta 1e-4 -> 0.02), "scaled_linear" (Stable Diffusion: use
-      beta_start=0.00085, beta_end=0.012), "cosine" (improved DDPM).
+      beta_start=0.00085, beta_end=0.012), "cosine" (improved DDPM; alias "squaredcos_cap_v2").
     num_train_timesteps: T.
     beta_start, beta_end: end points of the beta ramp (ignored by "cosine").
     rescale_zero_snr: rescale to zero terminal SNR (then `alphas_cumprod[-1] == 0`; use a

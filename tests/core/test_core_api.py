@@ -63,24 +63,27 @@ def test_guidance_channel_subset():
 
 
 def test_learned_variance_guides_only_eps_channels():
-  """DDPM with learned variance: the variance half comes from the conditional branch (C = 2)."""
-  seen = {}
+  """DDPM with learned variance (C = 2): the eps channels are guided, the variance channels come from the
+  conditional branch. A 2-timestep schedule makes one step with a large beta / beta_tilde gap checkable."""
+  sched = core.make_schedule("linear", num_train_timesteps=2)
 
   def fn(x, t, cond):
-    out = jnp.concatenate([jnp.zeros(x.shape) + cond[:, None], jnp.zeros(x.shape) + cond[:, None] - 1.0], -1)
-    return out
+    # x0 part: the cond value at t = 1 (guided: 0 + 5 (1 - 0) = 5), the input itself at t = 0 (so the last step
+    # returns x_1 unchanged); variance part: cond - 1 (conditional 0, unconditional -1, guided would be 5).
+    x0 = jnp.where(t[:, None] > 0.5, jnp.zeros(x.shape) + cond[:, None], x)
+    return jnp.concatenate([x0, jnp.zeros(x.shape) + cond[:, None] - 1.0], -1)
 
-  x = jnp.zeros((2, 2))
-  # One trailing step from t=999 to x0: mean = x0 (guided eps-free x0 prediction), no noise at t = 0? t=999 > 0
-  # so noise is added with the learned std; compare against two runs with forced variance values.
-  out_g = core.ddpm_sample(fn, x, num_steps=1, schedule=SCHED, prediction_type="sample", cond=jnp.ones(2),
-                           uncond=jnp.zeros(2), guidance_scale=5.0, variance_type="learned_range",
-                           timestep_spacing="trailing", step_noise=jnp.ones((1, 2, 2)))
-  # Conditional variance value v = 0 -> frac = 0.5; the unconditional one would be -1. With a_prev = 1 the
-  # posterior variance is 0 (clamped 1e-20) so the std is exp(0.5 (0.5 log beta + 0.5 log 1e-20)).
-  beta = 1 - SCHED.alphas_cumprod[999]
-  std = math.exp(0.5 * (0.5 * math.log(beta) + 0.5 * math.log(1e-20)))
-  np.testing.assert_allclose(out_g, 5.0 + std, rtol=1e-5)
+  out = core.ddpm_sample(fn, jnp.zeros((2, 2)), num_steps=2, schedule=sched, prediction_type="sample",
+                         cond=jnp.ones(2), uncond=jnp.zeros(2), guidance_scale=5.0, variance_type="learned_range",
+                         timestep_spacing="trailing", step_noise=jnp.ones((2, 2, 2)))
+  # DDPM posterior for the step t = 1 -> 0 (Ho et al. Eq. 7): mean coefficient of x0 and beta_tilde.
+  b = np.array([1e-4, 0.02])
+  ac = np.cumprod(1 - b)
+  coef_x0 = np.sqrt(ac[0]) * b[1] / (1 - ac[1])
+  beta_tilde = (1 - ac[0]) / (1 - ac[1]) * b[1]
+  frac = 0.5  # from the conditional variance value v = 0
+  std = np.exp(0.5 * (frac * np.log(b[1]) + (1 - frac) * np.log(beta_tilde)))
+  np.testing.assert_allclose(out, coef_x0 * 5.0 + std, rtol=1e-4)
 
 
 def test_power_cosine_ramp():
