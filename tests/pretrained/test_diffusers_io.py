@@ -128,3 +128,30 @@ def test_missing_directory_and_file(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
   with pytest.raises(FileNotFoundError, match="safetensors"):
     load_controlnet(str(tmp_path))
+
+
+def test_sharded_and_fp16_variant(pipe, tmp_path):
+  _, want = load_unet(str(pipe / "unet"))
+  sd = load_file(str(pipe / "unet" / WEIGHTS))
+  keys = sorted(sd)
+  d = tmp_path / "sharded"
+  d.mkdir()
+  (d / "config.json").write_text((pipe / "unet" / "config.json").read_text())
+  shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+            "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+  for name, ks in shards.items():
+    save_file({k: sd[k] for k in ks}, str(d / name))
+  (d / f"{WEIGHTS}.index.json").write_text(json.dumps(
+      {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+  _, got = load_unet(str(d))
+  for k, v in flatten(want).items():
+    np.testing.assert_array_equal(np.asarray(flatten(got)[k]), np.asarray(v), err_msg=k)
+  # fp16 variant file: loaded and cast to float32
+  v = tmp_path / "variant"
+  v.mkdir()
+  (v / "config.json").write_text((pipe / "unet" / "config.json").read_text())
+  save_file({k: a.astype(np.float16) for k, a in sd.items()}, str(v / "diffusion_pytorch_model.fp16.safetensors"))
+  _, got16 = load_unet(str(v), variant="fp16")
+  leaf = flatten(got16)["conv_in/kernel"]
+  assert leaf.dtype == np.float32
+  np.testing.assert_allclose(np.asarray(leaf), np.asarray(flatten(want)["conv_in/kernel"]), atol=1e-3)
