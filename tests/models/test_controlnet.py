@@ -61,23 +61,25 @@ def _inputs():
   return x, ctx, cond, t
 
 
-@pytest.mark.parametrize("scale,guess", [(0.7, False), (1.0, True)])
-def test_controlnet_and_unet_parity(ref, scale, guess):
+def test_controlnet_and_unet_parity(ref):
+  """Residuals (conditioning_scale 0.7; guess mode) and the UNet fed with them match diffusers."""
   unet, cn, d = ref
   ucfg, uparams = load_unet(str(d / "unet"))
   ccfg, cparams = load_controlnet(str(d / "cn"))
   x, ctx, cond, t = _inputs()
-  with torch.no_grad():
-    down_t, mid_t = cn(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), nchw(cond), conditioning_scale=scale,
-                       guess_mode=guess, return_dict=False)
+  cn_apply = jax.jit(ControlNetModel(ccfg).apply, static_argnames="guess_mode")
+  for scale, guess in ((0.7, False), (1.3, True)):
+    with torch.no_grad():
+      down_t, mid_t = cn(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), nchw(cond),
+                         conditioning_scale=scale, guess_mode=guess, return_dict=False)
+    down, mid = cn_apply({"params": cparams}, x, t, ctx, cond, scale, guess_mode=guess)
+    assert len(down) == len(down_t) == ccfg.num_residuals
+    for a, b in zip(down, down_t):
+      np.testing.assert_allclose(np.asarray(a), to_nhwc(b), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(mid), to_nhwc(mid_t), atol=1e-4, rtol=0)
+  with torch.no_grad():  # the UNet with the last (guess-mode) residuals
     want = to_nhwc(unet(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), down_block_additional_residuals=down_t,
                         mid_block_additional_residual=mid_t).sample)
-  down, mid = jax.jit(ControlNetModel(ccfg).apply, static_argnames="guess_mode")(
-      {"params": cparams}, x, t, ctx, cond, scale, guess_mode=guess)
-  assert len(down) == len(down_t) == ccfg.num_residuals
-  for a, b in zip(down, down_t):
-    np.testing.assert_allclose(np.asarray(a), to_nhwc(b), atol=1e-4, rtol=0)
-  np.testing.assert_allclose(np.asarray(mid), to_nhwc(mid_t), atol=1e-4, rtol=0)
   got = jax.jit(UNet2DConditionModel(ucfg).apply)({"params": uparams}, x, t, ctx, down_block_additional_residuals=down,
                                                    mid_block_additional_residual=mid)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
