@@ -4,7 +4,8 @@
 
 Counts are trainable parameters. The fixed 2-D sin-cos position table of the latent models is not a parameter
 here; the DiT paper's 675M counts it (PyTorch keeps it as a frozen nn.Parameter), so the "with pos-embed"
-column adds it.
+column adds it. The last column is the analytic forward FLOPs per image (2 per multiply-add; the DiT/DiffiT
+papers' "GFLOPs" count multiply-adds, i.e. half of this).
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ import numpy as np  # noqa: E402
 from diffusion_jax.models import build_model  # noqa: E402
 from diffusion_jax.models.dit import dit_kwargs  # noqa: E402
 
+import importlib.util as _ilu  # noqa: E402
+
+_spec = _ilu.spec_from_file_location("benchmarks_train_step",
+                                     os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.py"))
+_mod = _ilu.module_from_spec(_spec)
+sys.modules["benchmarks_train_step"] = _mod
+_spec.loader.exec_module(_mod)
+
 
 def count_params(model_cfg: Dict, input_shape: Tuple[int, ...]) -> int:
   """Number of trainable parameters of `build_model(model_cfg)` for inputs `[1, *input_shape]`."""
@@ -31,6 +40,17 @@ def count_params(model_cfg: Dict, input_shape: Tuple[int, ...]) -> int:
   y = jax.ShapeDtypeStruct((1,), jnp.int32)
   shapes = jax.eval_shape(lambda x, t, y: model.init(jax.random.key(0), x, t, y), x, t, y)
   return int(sum(np.prod(a.shape) for a in jax.tree.leaves(shapes)))
+
+
+def forward_gflops(model_cfg: Dict, input_shape: Tuple[int, ...]) -> float:
+  """Analytic matmul + conv FLOPs (2 per MAC) of one forward pass for one image (see train_step.py)."""
+  from benchmarks_train_step import jaxpr_flops
+  model = build_model(model_cfg)
+  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  y = jax.ShapeDtypeStruct((1,), jnp.int32)
+  p = jax.eval_shape(lambda x, t, y: model.init(jax.random.key(0), x, t, y), x, t, y)
+  return jaxpr_flops(jax.make_jaxpr(model.apply)(p, x, t, y).jaxpr) / 1e9
 
 
 def pos_embed_size(model_cfg: Dict) -> int:
@@ -60,14 +80,14 @@ def table():
   out = []
   for name, cfg, shape, paper in rows:
     n = count_params(cfg, shape)
-    out.append((name, n, n + pos_embed_size(cfg), paper))
+    out.append((name, n, n + pos_embed_size(cfg), paper, forward_gflops(cfg, shape)))
   return out
 
 
 def main():
-  print(f"{'model':<50} {'params (M)':>11} {'+pos-embed (M)':>15} {'paper (M)':>10}")
-  for name, n, n_pos, paper in table():
-    print(f"{name:<50} {n / 1e6:>11.2f} {n_pos / 1e6:>15.2f} {paper if paper else '':>10}")
+  print(f"{'model':<50} {'params (M)':>11} {'+pos-embed (M)':>15} {'paper (M)':>10} {'fwd GFLOP/img':>14}")
+  for name, n, n_pos, paper, gf in table():
+    print(f"{name:<50} {n / 1e6:>11.2f} {n_pos / 1e6:>15.2f} {paper if paper else '':>10} {gf:>14.1f}")
 
 
 if __name__ == "__main__":
