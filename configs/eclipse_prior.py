@@ -40,9 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # (caption, image) pairs -> cached CLIP embeddings.
   c.data.name = "shapes"            # shapes | image_folder | tfds
-  c.data.batch_size = 32 if tiny else 256
-  c.data.num_train = 256 if tiny else 20000
-  c.data.num_test = 64 if tiny else 1000
+  c.data.batch_size = 32 if tiny else 128
+  c.data.num_train = 64 if tiny else 20000
+  c.data.num_test = 32 if tiny else 1000
   c.data.image_size = 32
   c.data.data_dir = ""              # image_folder: folder of images + captions; tfds: TFDS data_dir
   c.data.captions_file = ""         # image_folder: jsonl/tsv of (file, caption); default <data_dir>/captions.jsonl
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.test_split = "test"
   c.data.image_key = "image"
   c.data.caption_key = "caption"
-  c.data.cache_dir = ""             # default: <workdir>/cache
+  c.data.embedding_cache = ""             # default: <workdir>/cache
   c.data.encode_batch_size = 64 if tiny else 250
   c.data.normalize = True           # L2-normalise the cached image / pooled text embeddings
   c.data.seed = 0                   # data stream (fixed across prior seeds so runs share one cache)
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.name = "prior_transformer"
   c.model.num_layers = 2 if tiny else 4
   c.model.num_attention_heads = 2 if tiny else 4
-  c.model.attention_head_dim = 16 if tiny else 32
+  c.model.attention_head_dim = 16
   c.model.dropout = 0.0
 
   c.prior = ml_collections.ConfigDict()
@@ -90,15 +90,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 10 if tiny else 100
   c.optim.grad_clip = 1.0
 
-  c.train.num_steps = 20 if tiny else 2000
-  c.train.log_every = 10 if tiny else 100
-  c.train.ckpt_every = 20 if tiny else 500
+  c.train.num_steps = 10 if tiny else 1500
+  c.train.log_every = 5 if tiny else 100
+  c.train.ckpt_every = 10 if tiny else 500
   c.train.sample_every = 0
   c.train.eval_every = 0
   c.train.ema_decays = ()
   c.train.sample_with_ema = False
 
-  c.eval.num_examples = 64 if tiny else 1000
+  c.eval.num_examples = 32 if tiny else 1000
   c.eval.ks = (1, 5)
   c.eval.decoder_workdir = ""        # a trained unclip_decoder work dir: adds end-to-end parser scores
   c.eval.num_decoded = 16 if tiny else 200

@@ -1,7 +1,7 @@
 """The unCLIP decoder of the shapes-world ECLIPSE evaluation: renders 32x32 images from CLIP image embeddings.
 
     python -m diffusion_jax.main --config configs/unclip_decoder_shapes.py --workdir /tmp/unclip_decoder \
-        --config.clip.workdir=/tmp/eclipse/clip --config.data.cache_dir=/tmp/eclipse/cache
+        --config.clip.workdir=/tmp/eclipse/clip --config.data.embedding_cache=/tmp/eclipse/cache
 
 Use the CLIP and embedding cache of an `eclipse_prior` run (the two keys above); without them it trains its
 own shapes CLIP in WORKDIR/clip first. Epsilon-prediction DDPM (linear 1000-step schedule), embedding dropped
@@ -27,10 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.name = "shapes"
   c.data.image_size = 32
   c.data.batch_size = 16 if tiny else 64
-  c.data.num_train = 256 if tiny else 20000
-  c.data.num_test = 64 if tiny else 1000
+  c.data.num_train = 64 if tiny else 20000
+  c.data.num_test = 32 if tiny else 1000
   c.data.seed = 0
-  c.data.cache_dir = ""             # default <workdir>/cache; share the eclipse_prior run's cache
+  c.data.embedding_cache = ""             # default <workdir>/cache; share the eclipse_prior run's cache
   c.data.encode_batch_size = 64 if tiny else 250
   c.data.normalize = True
 
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.num_timesteps = 1000
   c.sample.beta_schedule = "linear"
   c.sample.cond_drop = 0.1
-  c.sample.steps = 5 if tiny else 25
+  c.sample.steps = 2 if tiny else 25
   c.sample.guidance = 3.0
 
   c.optim.name = "adamw"
@@ -57,13 +57,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 2 if tiny else 200
   c.optim.grad_clip = 1.0
 
-  c.train.num_steps = 10 if tiny else 4000
-  c.train.log_every = 5 if tiny else 100
-  c.train.ckpt_every = 10 if tiny else 1000
+  c.train.num_steps = 6 if tiny else 4000
+  c.train.log_every = 3 if tiny else 100
+  c.train.ckpt_every = 6 if tiny else 1000
   c.train.sample_every = 0
   c.train.eval_every = 0
   c.train.ema_decays = (0.99,) if tiny else (0.999,)
   c.train.sample_with_ema = True
 
-  c.eval.num_examples = 16 if tiny else 200
+  c.eval.num_examples = 8 if tiny else 200
   return c

@@ -45,6 +45,7 @@ from diffusion_jax.models import prior as prior_lib
 from diffusion_jax.registry import check_choice
 
 OBJECTIVES = ("eclipse", "projection", "diffusion")
+PRIOR_EXPORT = "prior_export"  # diffusers PriorTransformer layout (ECLIPSE variant without time embedding)
 LOGIT_SCALE_MAX = float(np.log(100.0))
 
 
@@ -118,6 +119,9 @@ def ensure_clip(config: ml_collections.ConfigDict, root: Optional[str]) -> str:
                               "transformers CLIP (config.json + model.safetensors), or leave it empty to train "
                               "a small CLIP on the shapes world.")
     return pre
+  if config.clip.get("require_pretrained", False):
+    raise ValueError(f"This config needs a pretrained CLIP ({config.clip.get('name', 'see the config docstring')}): "
+                     "download it once and pass --config.clip.pretrained_dir=/path/to/the/transformers/dir.")
   from diffusion_jax.experiments import clip_pretrain
   clip_wd = config.clip.get("workdir", "") or (os.path.join(root, "clip") if root else "")
   if not clip_wd:
@@ -138,15 +142,17 @@ def ensure_clip(config: ml_collections.ConfigDict, root: Optional[str]) -> str:
 
 
 def ensure_caches(config, clip_dir: str, root: Optional[str], splits=("train", "test")) -> Dict[str, str]:
-  cache_root = config.data.get("cache_dir", "") or (os.path.join(root, "cache") if root else "")
+  cache_root = config.data.get("embedding_cache", "") or (os.path.join(root, "cache") if root else "")
   if not cache_root:
-    raise ValueError("No place for the embedding cache: set config.data.cache_dir (or run through "
+    raise ValueError("No place for the embedding cache: set config.data.embedding_cache (or run through "
                      "diffusion_jax.main with --workdir).")
-  dirs = {s: os.path.join(cache_root, s) for s in splits}
   d = config.data
+  nums = {s: int(d.num_train if s == "train" else d.num_test) or None for s in splits}
+  # One directory per (split, size): runs with different sizes can share a cache root.
+  dirs = {s: os.path.join(cache_root, f"{s}_{nums[s] or 'all'}") for s in splits}
   embedder = None
   for split in splits:
-    num = int(d.num_train if split == "train" else d.num_test) or None
+    num = nums[split]
     probe = {"split": split, "num": num, "clip_dir": os.path.abspath(clip_dir)}
     if clip_cache.is_complete(dirs[split], probe):
       continue
@@ -204,6 +210,11 @@ class EclipsePrior(Experiment):
       meta = clip_cache.load_meta(self._dirs["train"])
       self.text_len, self.embed_dim = int(meta["text_len"]), int(meta["embed_dim"])
       self.normalized = bool(meta["normalize"])
+      for key, have in (("embedding_dim", self.embed_dim), ("num_embeddings", self.text_len)):
+        want = int(self.config.model.get(key, 0) or 0)
+        if want and want != have:
+          raise ValueError(f"config.model.{key}={want} but the CLIP in {self.clip_dir} gives {have}; use the CLIP the "
+                           f"config names ({self.config.clip.get('name', '')}) or set config.model.{key}=0.")
       self.prior_config = prior_config_for(self.config.model, self.objective, self.text_len, self.embed_dim)
       self._module = prior_lib.PriorTransformer(self.prior_config, dtype=self.dtype,
                                                 remat=self.config.get("remat", "none") != "none")
@@ -350,6 +361,9 @@ class EclipsePrior(Experiment):
     dec_wd = self.config.eval.get("decoder_workdir", "")
     if dec_wd:
       res.update(self._end_to_end(pred, arrays.get("objects"), dec_wd, rng, workdir))
+    if self.config.eval.get("export_prior", True) and jax.process_index() == 0:
+      from diffusion_jax.pretrained import prior as prior_io
+      prior_io.save_prior(os.path.join(workdir, PRIOR_EXPORT), params["prior"], self.prior_config)
     write_results(workdir, res, self._description())
     return res
 
