@@ -53,7 +53,7 @@ def min_snr_weight(snr, gamma: float, prediction_type: str = "epsilon"):
   param_lib.check_prediction_type(prediction_type)
   clipped = jnp.minimum(snr, gamma)
   if prediction_type == "epsilon":
-    return clipped / snr
+    return jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)  # limit 1 at zero SNR
   if prediction_type == "v_prediction":
     return clipped / (snr + 1.0)
   return clipped

@@ -54,7 +54,7 @@ from jax.tree_util import Partial
 
 from diffusion_jax.core import guidance as guidance_lib
 from diffusion_jax.core import parameterization as param_lib
-from diffusion_jax.core.schedules import Schedule, karras_sigmas, spacing_timesteps
+from diffusion_jax.core.schedules import MIN_ALPHAS_CUMPROD, Schedule, karras_sigmas, spacing_timesteps
 from diffusion_jax.registry import Registry, check_choice
 
 SAMPLERS = Registry("sampler")
@@ -321,7 +321,7 @@ def dpmpp_2m_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, pred
   param_lib.check_prediction_type(prediction_type)
   T = schedule.num_train_timesteps
   ts = spacing_timesteps(T, num_steps, timestep_spacing, steps_offset, variant="dpm")
-  ac32 = schedule.alphas_cumprod.astype(np.float32)
+  ac32 = np.maximum(schedule.alphas_cumprod, MIN_ALPHAS_CUMPROD).astype(np.float32)
   ve = (((1 - ac32) / ac32) ** 0.5).astype(np.float32)
   s = np.concatenate([np.interp(ts, np.arange(T), ve), [0.0]]).astype(np.float32).astype(np.float64)
   alpha = 1.0 / np.sqrt(s ** 2 + 1.0)
@@ -353,7 +353,7 @@ def euler_sigmas(schedule: Schedule, num_steps: int, timestep_spacing: str = "li
   """(timesteps `[n]`, VE sigmas `[n + 1]` ending in 0) as diffusers' `EulerDiscreteScheduler.set_timesteps`."""
   T = schedule.num_train_timesteps
   ts = spacing_timesteps(T, num_steps, timestep_spacing, steps_offset, variant="euler")
-  ac32 = schedule.alphas_cumprod.astype(np.float32)
+  ac32 = np.maximum(schedule.alphas_cumprod, MIN_ALPHAS_CUMPROD).astype(np.float32)
   ve = (((1 - ac32) / ac32) ** 0.5).astype(np.float32)
   log_sigmas = np.log(ve)
   sig = np.interp(ts, np.arange(T), ve)
@@ -370,12 +370,12 @@ def _euler_loop(fn, x_T, co, cond, uncond, gscale, st: _Static):
   in_dtype = x_T.dtype
 
   def body(x, c):
-    xin = x * c["in_scale"]
+    xin = x / c["sqrt_denom"]
     out = _call_model(fn, xin, c["t"], cond, uncond, gscale, st, in_dtype)
     if st.prediction_type == "epsilon":
       x0 = x - c["sigma"] * out
     elif st.prediction_type == "v_prediction":
-      x0 = out * c["v_coef"] + x * c["in_scale"] ** 2
+      x0 = out * c["v_coef"] + x / c["denom"]
     else:
       x0 = out
     d = (x - x0) / c["sigma"]
@@ -405,10 +405,14 @@ def euler_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, predict
   param_lib.check_prediction_type(prediction_type)
   T = schedule.num_train_timesteps
   ts, sig = euler_sigmas(schedule, num_steps, timestep_spacing, steps_offset, use_karras_sigmas, rho)
+  # float32 host arithmetic in diffusers' order (matters for huge sigmas, e.g. zero-SNR schedules).
+  sig = sig.astype(np.float32)
   s = sig[:-1]
-  init = sig.max() if timestep_spacing in ("linspace", "trailing") else math.sqrt(sig.max() ** 2 + 1)
-  co = _np32(dict(t=ts, sigma=s, in_scale=1.0 / np.sqrt(s ** 2 + 1.0), v_coef=-s / np.sqrt(s ** 2 + 1.0),
-                  dt=sig[1:] - s, init=np.full_like(s, np.float32(init))))
+  denom = (s ** 2 + np.float32(1.0)).astype(np.float32)
+  sqrt_denom = (denom ** np.float32(0.5)).astype(np.float32)
+  init = sig.max() if timestep_spacing in ("linspace", "trailing") else (sig.max() ** 2 + np.float32(1)) ** 0.5
+  co = _np32(dict(t=ts, sigma=s, denom=denom, sqrt_denom=sqrt_denom, v_coef=(-s / sqrt_denom).astype(np.float32),
+                  dt=(sig[1:] - s).astype(np.float32), init=np.full_like(s, np.float32(init))))
   st, gscale = _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_schedule, guidance_power,
                                 guidance_channels, T, unroll=unroll)
   return _euler_loop(_as_partial(denoise_fn), x_T, co, cond, uncond, gscale, st)

@@ -36,6 +36,7 @@ from diffusion_jax.registry import Registry, check_choice
 
 SCHEDULES = Registry("noise schedule")
 SPACINGS = ("leading", "trailing", "linspace")
+MIN_ALPHAS_CUMPROD = 2.0 ** -24  # diffusers' Euler/DPM-Solver stand-in for a zero terminal alphas_cumprod
 
 
 def _xp(a):
@@ -77,9 +78,11 @@ class Schedule:
 
   @property
   def ve_sigmas(self):
-    """sigma_t / alpha_t, the VE ("Karras") sigmas diffusers' Euler/DPM schedulers use."""
+    """sigma_t / alpha_t, the VE ("Karras") sigmas diffusers' Euler/DPM schedulers use. A zero terminal
+    alphas_cumprod (zero-SNR schedules) is replaced by 2^-24 here, as those schedulers do."""
     xp = _xp(self.alphas_cumprod)
-    return xp.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+    ac = xp.maximum(self.alphas_cumprod, MIN_ALPHAS_CUMPROD)
+    return xp.sqrt((1.0 - ac) / ac)
 
   @property
   def log_snr(self):
@@ -163,7 +166,8 @@ def make_schedule(name: str = "linear", num_train_timesteps: int = 1000, beta_st
     num_train_timesteps: T.
     beta_start, beta_end: end points of the beta ramp (ignored by "cosine").
     rescale_zero_snr: rescale to zero terminal SNR (then `alphas_cumprod[-1] == 0`; use a
-      v-prediction model and "trailing" spacing with it).
+      v-prediction model and "trailing" spacing with it). Sigma-space samplers (Euler, DPM-Solver, EDM)
+      use 2^-24 instead of the zero, as diffusers does.
 
   Returns:
     A frozen `Schedule`.
@@ -177,9 +181,6 @@ def make_schedule(name: str = "linear", num_train_timesteps: int = 1000, beta_st
   alphas = (np.float32(1.0) - betas.astype(np.float32)).astype(np.float32)
   # diffusers: torch.cumprod on CPU float32 accumulates in double and rounds the outputs to float32.
   alphas_cumprod = np.cumprod(alphas.astype(np.float64)).astype(np.float32)
-  if rescale_zero_snr:
-    # Like diffusers: avoid an exact zero (infinite VE sigma) at the last step.
-    alphas_cumprod[-1] = np.float32(2 ** -24)
   return Schedule(betas=betas.astype(np.float64), alphas_cumprod=alphas_cumprod.astype(np.float64),
                   name=name, rescale_zero_snr=bool(rescale_zero_snr))
 
