@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import statistics
 import time
@@ -59,8 +60,10 @@ def main():
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--iters", type=int, default=3)
+  # The machine's 1-minute load average is printed: on a shared machine, times scale with it.
   args = ap.parse_args()
 
+  load_start = os.getloadavg()[0]
   cfg = CONFIGS[args.config]()
   dtype = jnp.dtype(args.dtype)
   rss0 = rss_gib()
@@ -93,7 +96,8 @@ def main():
   assert out.shape == x.shape[:3] + (cfg.out_channels,) and bool(jnp.isfinite(out).all())
 
   print(f"config={args.config} params={n / 1e6:.1f}M latents={args.batch}x{args.size}x{args.size}x{cfg.in_channels} "
-        f"dtype={args.dtype} backend={jax.default_backend()} devices={jax.device_count()} jax={jax.__version__}")
+        f"dtype={args.dtype} backend={jax.default_backend()} devices={jax.device_count()} jax={jax.__version__} "
+        f"cpus={os.cpu_count()} load-average(1 min) start/end={load_start:.1f}/{os.getloadavg()[0]:.1f}")
   print("| quantity | value |")
   print("|---|---|")
   print(f"| compile (lower + XLA compile) | {compile_s:.1f} s |")
