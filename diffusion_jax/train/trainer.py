@@ -136,11 +136,17 @@ def _config_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def _numeric(batch: Dict[str, Any]) -> Dict[str, Any]:
-  """Only numeric/bool arrays go to the devices; strings (e.g. raw captions) stay on the host."""
+  """Only numeric/bool arrays go to the devices; strings (e.g. raw captions) stay on the host. Nested dicts
+  are kept as nested dicts."""
   out = {}
   for k, v in batch.items():
+    if isinstance(v, dict):
+      sub = _numeric(v)
+      if sub:
+        out[k] = sub
+      continue
     a = np.asarray(v)
-    if a.dtype.kind in "biuf" or a.dtype == np.bool_:
+    if a.dtype.kind in "biuf":
       out[k] = a
   return out
 
@@ -170,14 +176,14 @@ class _Run:
     self.first_batch = next(self.iterator)  # used as the batch of step 1 on a fresh start.
     host = _numeric(self.first_batch)
     want = int(config.data.batch_size) // pc
-    for k, v in host.items():
+    for path, v in jax.tree_util.tree_leaves_with_path(host):
       if v.ndim == 0 or v.shape[0] != want:
-        raise ValueError(f"Batch entry {k!r} has shape {v.shape}; expected a leading axis of {want} "
-                         f"(= data.batch_size // hosts). Check the experiment's make_dataset.")
-    self.batch_shardings = {k: self.batch_sharding for k in host}
-    self.abstract_batch = {
-        k: jax.ShapeDtypeStruct((v.shape[0] * pc,) + v.shape[1:], v.dtype, sharding=self.batch_sharding)
-        for k, v in host.items()}
+        raise ValueError(f"Batch entry {jax.tree_util.keystr(path)} has shape {v.shape}; expected a leading axis "
+                         f"of {want} (= data.batch_size // hosts). Check the experiment's make_dataset.")
+    self.batch_shardings = jax.tree.map(lambda _: self.batch_sharding, host)
+    self.abstract_batch = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct((v.shape[0] * pc,) + v.shape[1:], v.dtype, sharding=self.batch_sharding),
+        host)
 
     self.init_fn = self._make_init()
     rng = jax.random.PRNGKey(int(config.seed))
@@ -187,8 +193,8 @@ class _Run:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_shardings)
 
   def to_device(self, host_batch: Dict[str, Any]) -> Dict[str, jax.Array]:
-    host = _numeric(host_batch)
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in host.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(self.batch_sharding, v),
+                        _numeric(host_batch))
 
   def _make_init(self):
     experiment, tx, n_ema = self.experiment, self.tx, len(self.ema_decays)

@@ -37,7 +37,8 @@ class ToySource:
 
 def add_one_hot(example):
   example = dict(example)
-  example["onehot"] = np.eye(2, dtype=np.float32)[example["label"]]
+  # nested conditioning dict + a string entry: the trainer keeps nested numeric arrays, drops strings.
+  example["cond"] = {"onehot": np.eye(2, dtype=np.float32)[example["label"]], "name": f"class {example['label']}"}
   return example
 
 
@@ -97,7 +98,8 @@ class ToyExperiment(Experiment):
     t = jax.random.uniform(k1, (x.shape[0],))
     eps = jax.random.normal(k2, x.shape)
     a, s = jnp.cos(0.5 * jnp.pi * t)[:, None], jnp.sin(0.5 * jnp.pi * t)[:, None]
-    pred = self.model.apply(params, a * x + s * eps, t, batch["onehot"])
+    assert "name" not in batch["cond"]
+    pred = self.model.apply(params, a * x + s * eps, t, batch["cond"]["onehot"])
     loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - eps))
     delay = float(self.config.toy.step_delay)
     if delay > 0:  # slows the run down so that tests can signal it mid-way.
@@ -120,7 +122,8 @@ class ToyExperiment(Experiment):
     return np.asarray(jax.nn.sigmoid(x)).reshape(num, 2, 2, 3)
 
   def evaluate(self, params, frozen, rng, workdir):
-    batch = {k: np.stack([add_one_hot(ToySource(8)[i])[k] for i in range(8)]) for k in ("x", "onehot")}
+    ex = [add_one_hot(ToySource(8)[i]) for i in range(8)]
+    batch = {"x": np.stack([e["x"] for e in ex]), "cond": {"onehot": np.stack([e["cond"]["onehot"] for e in ex])}}
     loss, _ = self.loss(params, frozen, (), batch, rng, 0)
     return {"eval_loss": float(loss), "num": 8}
 
