@@ -136,7 +136,8 @@ def main():
           ("py", f"Python loop: {n} x (jitted net + update)")]
   for k, label in rows:
     print(f"| {label:40s} | {r[k][1] * 1e3:8.2f} | {r[k][0] * 1e3:9.2f} | {(r[k][1] / net_min - 1) * 100:13.1f}% | "
-          f"{(ratio[k] - 1) * 100:32.1f}% | {cpu_min[k] * 1e3:12.2f} | {(cpu_min[k] / cpu_min['net'] - 1) * 100:11.1f}% |")
+          f"{(ratio[k] - 1) * 100:32.1f}% | {cpu_min[k] * 1e3:12.2f} | "
+          f"{(cpu_min[k] / cpu_min['net'] - 1) * 100:11.1f}% |")
 
 
 if __name__ == "__main__":

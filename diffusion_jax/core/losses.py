@@ -151,7 +151,8 @@ def posterior_tables(schedule: Schedule):
   ac_prev = np.concatenate([[1.0], ac[:-1]])
   var = betas * (1.0 - ac_prev) / (1.0 - ac)
   log_var_clipped = np.log(np.concatenate([var[1:2], var[1:]]))
-  return dict(coef_x0=betas * np.sqrt(ac_prev) / (1.0 - ac), coef_xt=(1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
+  return dict(coef_x0=betas * np.sqrt(ac_prev) / (1.0 - ac),
+              coef_xt=(1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
               var=var, log_var_clipped=log_var_clipped, log_beta=np.log(betas))
 
 

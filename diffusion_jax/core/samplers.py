@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -216,7 +216,8 @@ def ddpm_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, predicti
                   std_small=var_small ** 0.5, std_large=beta ** 0.5, log_var_small=np.log(var_small),
                   log_beta=log_beta, nonzero=(ts > 0).astype(np.float32)))
   st, gscale = _guidance_static(prediction_type, cond, uncond, guidance_scale, guidance_schedule, guidance_power,
-                                guidance_channels, T, (variance_type, None if clip_sample is None else float(clip_sample)),
+                                guidance_channels, T,
+                                (variance_type, None if clip_sample is None else float(clip_sample)),
                                 unroll=unroll)
   keys, step_noise = _step_keys(rng, len(ts), step_noise, x_T.shape, "ddpm_sample")
   return _ddpm_loop(_as_partial(denoise_fn), x_T, keys, step_noise, co, cond, uncond, gscale, st)

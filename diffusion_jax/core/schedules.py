@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -234,7 +233,8 @@ def vp_alpha_sigma(t, beta_min: float = 0.1, beta_max: float = 20.0):
 
 
 def cosine_alpha_sigma(t, s: float = 0.008):
-  """Continuous cosine schedule (improved DDPM): alpha(t) = cos((t + s) / (1 + s) * pi / 2) / cos(s / (1 + s) * pi / 2)."""
+  """Continuous cosine schedule (improved DDPM):
+  alpha(t) = cos((t + s) / (1 + s) * pi / 2) / cos(s / (1 + s) * pi / 2)."""
   xp = _xp(t)
   f = lambda u: xp.cos((u + s) / (1 + s) * math.pi / 2)
   alpha = f(t) / f(0.0 * t)

@@ -1,7 +1,6 @@
 """Shared helpers for the core tests: an analytic denoiser written for both JAX and torch, and a
 Gaussian mixture with its exact (closed-form) denoiser."""
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,8 @@ def analytic_jax(x, t, ac, pred="epsilon"):
   acb = _interp_ac(jnp.asarray(ac, jnp.float32), t, jnp)[:, None]
   a, s = jnp.sqrt(acb), jnp.sqrt(1.0 - acb)
   tt = t[:, None] / 1000.0
-  x0 = a * V0 * x / (a * a * V0 + s * s) + a * (0.3 * jnp.tanh(1.3 * x + 0.5 * x[..., ::-1]) + 0.2 * jnp.sin(2.1 * x) * tt)
+  x0 = a * V0 * x / (a * a * V0 + s * s) + a * (0.3 * jnp.tanh(1.3 * x + 0.5 * x[..., ::-1])
+                                               + 0.2 * jnp.sin(2.1 * x) * tt)
   eps = (x - a * x0) / s
   return {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[pred]
 

@@ -1,7 +1,6 @@
 """Parity with diffusers' schedulers (PyTorch, CPU): same schedule, same analytic model on both sides, same
 initial noise (and the same per-step noise for stochastic samplers) -> final samples agree to 1e-5 (fp32)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
