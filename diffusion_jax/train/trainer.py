@@ -193,8 +193,10 @@ class _Run:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_shardings)
 
   def to_device(self, host_batch: Dict[str, Any]) -> Dict[str, jax.Array]:
-    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(self.batch_sharding, v),
-                        _numeric(host_batch))
+    host = _numeric(host_batch)
+    if jax.process_count() == 1:  # one batched transfer; cheaper than assembling per-array.
+      return jax.device_put(host, self.batch_shardings)
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(self.batch_sharding, v), host)
 
   def _make_init(self):
     experiment, tx, n_ema = self.experiment, self.tx, len(self.ema_decays)
