@@ -331,6 +331,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   try:
     return _train_loop(run, ckpt, writer, config, workdir, is_main)
   finally:
+    ckpt.close()  # waits for the last async save to be committed.
     writer.close()
     run.close()
 
@@ -483,7 +484,7 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
     if preempted:
       logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting.", step)
       save(step)
-      ckpt.close()
+      ckpt.wait()
       writer.flush()
       return {**last_metrics, "step": step, "preempted": True}
 
@@ -491,9 +492,8 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   if step >= num_steps:
     res = do_eval(step)
     results.update({f"eval/{k}": v for k, v in res.items()})
-    if sample_every:
-      do_sample(step) if step % sample_every else None
-  ckpt.close()
+    if sample_every and step % sample_every:
+      do_sample(step)
   writer.flush()
   return {**last_metrics, **results, "step": step, "preempted": False}
 
