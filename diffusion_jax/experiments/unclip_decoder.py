@@ -47,40 +47,56 @@ def _denoise(module, params, x, t, cond):
   return module.apply({"params": params}, x, t, emb, keep)
 
 
+_DECODE_FNS: Dict[Any, Any] = {}
+
+
+def _decode_fn(module: UnCLIPDecoder, image_size: int, num_timesteps: int, beta_schedule: str, steps: int,
+               guided: bool):
+  """One jitted decode function per (network, schedule, steps, guidance on/off): every `Decoder` with the same
+  network shares the compiled sampler."""
+  key = (module, int(image_size), int(num_timesteps), str(beta_schedule), int(steps), bool(guided))
+  if key not in _DECODE_FNS:
+    from diffusion_jax.core import samplers
+    from diffusion_jax.core.schedules import make_schedule
+    schedule = make_schedule(beta_schedule, int(num_timesteps))
+    base = functools.partial(_denoise, module)
+
+    @jax.jit
+    def fn(params, rng, emb, guidance):
+      b = emb.shape[0]
+      size = int(image_size)
+      x_T = jax.random.normal(rng, (b, size, size, 3), jnp.float32)
+      cond = (emb, jnp.ones((b,), jnp.float32))
+      uncond = (jnp.zeros_like(emb), jnp.zeros((b,), jnp.float32))
+      x = samplers.ddim_sample(jax.tree_util.Partial(base, params), x_T, num_steps=int(steps), schedule=schedule,
+                               prediction_type="epsilon", cond=cond, uncond=uncond if guided else None,
+                               guidance_scale=guidance if guided else None, clip_sample=1.0)
+      return jnp.clip((x + 1.0) * 127.5, 0, 255)
+
+    _DECODE_FNS[key] = fn
+  return _DECODE_FNS[key]
+
+
 class Decoder:
   """A trained decoder: `decode(image_embs, rng, steps, guidance)` -> uint8 images [N, H, W, 3]."""
 
   def __init__(self, module: UnCLIPDecoder, params, image_size: int, num_timesteps: int = 1000,
                beta_schedule: str = "linear"):
-    from diffusion_jax.core.schedules import make_schedule
     self.module, self.params, self.image_size = module, params, int(image_size)
-    self.schedule = make_schedule(beta_schedule, int(num_timesteps))
-    self._fn = functools.partial(_denoise, module)
-    self._jit = jax.jit(self._decode_batch, static_argnames=("steps", "guided"))
-
-  def _decode_batch(self, params, rng, emb, guidance, steps: int, guided: bool):
-    from diffusion_jax.core import samplers
-    b = emb.shape[0]
-    x_T = jax.random.normal(rng, (b, self.image_size, self.image_size, 3), jnp.float32)
-    cond = (emb, jnp.ones((b,), jnp.float32))
-    uncond = (jnp.zeros_like(emb), jnp.zeros((b,), jnp.float32))
-    fn = jax.tree_util.Partial(self._fn, params)
-    x = samplers.ddim_sample(fn, x_T, num_steps=steps, schedule=self.schedule, prediction_type="epsilon",
-                             cond=cond, uncond=uncond if guided else None, guidance_scale=guidance if guided else None,
-                             clip_sample=1.0)
-    return jnp.clip((x + 1.0) * 127.5, 0, 255)
+    self.num_timesteps, self.beta_schedule = int(num_timesteps), str(beta_schedule)
 
   def decode(self, image_embs, rng, steps: int = 25, guidance: float = 3.0, batch_size: int = 100) -> np.ndarray:
     embs = np.asarray(image_embs, np.float32)
+    guided = float(guidance) != 1.0
+    fn = _decode_fn(self.module, self.image_size, self.num_timesteps, self.beta_schedule, steps, guided)
     out = []
     for i, s in enumerate(range(0, len(embs), batch_size)):
       e = embs[s:s + batch_size]
-      pad = batch_size - len(e)
-      if pad and len(embs) > batch_size:
-        e = np.concatenate([e, np.repeat(e[-1:], pad, 0)])
-      imgs = self._jit(self.params, jax.random.fold_in(rng, i), e, jnp.float32(guidance), steps=int(steps),
-                       guided=float(guidance) != 1.0)
-      out.append(np.asarray(imgs)[:len(embs[s:s + batch_size])])
+      n = len(e)
+      if n < batch_size and len(embs) > batch_size:
+        e = np.concatenate([e, np.repeat(e[-1:], batch_size - n, 0)])
+      imgs = fn(self.params, jax.random.fold_in(rng, i), e, jnp.float32(guidance))
+      out.append(np.asarray(imgs)[:n])
     return np.round(np.concatenate(out)).astype(np.uint8)
 
 
