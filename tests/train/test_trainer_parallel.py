@@ -1,5 +1,8 @@
 """Data-parallel and FSDP runs on 4 simulated devices match a 1-device run; remat and grad accumulation."""
 
+import json
+import os
+
 import jax
 import numpy as np
 
@@ -30,6 +33,14 @@ def test_data_parallel_and_fsdp_match_single_device(tmp_path):
   assert one[1]["loss"] != one[3]["loss"]
 
 
-def test_grad_accumulation_and_bf16_run(tmp_path):
-  m = _run(tmp_path, "accum", **{"optim.grad_accum": 2, "dtype": "bfloat16", "remat": "dots"})
-  assert all(np.isfinite(r["loss"]) for r in m.values())
+def test_grad_accumulation_bf16_eval_samples_keep_last(tmp_path):
+  m = _run(tmp_path, "accum", **{"optim.grad_accum": 2, "dtype": "bfloat16", "remat": "dots",
+                                 "train.eval_every": 2, "train.sample_every": 2, "train.ckpt_every": 1,
+                                 "train.keep_ckpts": 2})
+  assert sorted(m) == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in m.values())
+  w = str(tmp_path / "accum")
+  rows = [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "eval/eval_loss" in r] == [2, 3]  # every 2 steps and at the end
+  assert sorted(os.listdir(os.path.join(w, "samples"))) == ["step_0000002.png", "step_0000003.png"]
+  assert toy.finished_checkpoints(w) == [2, 3]  # keep_ckpts=2
+  assert json.load(open(os.path.join(w, "eval_results.json")))["step"] == 3
