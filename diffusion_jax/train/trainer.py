@@ -106,7 +106,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= float(d) < 1.0:
       raise ValueError(f"config.train.ema_decays must lie in [0, 1); got {d}.")
   for key, value in (config.data.items() if "data" in config else []):
-    if isinstance(value, str) and value and (key == "data_dir" or key.endswith("_dir") or key == "folder"):
+    if isinstance(value, str) and value and key == "data_dir":  # (cache dirs etc. may be created by the run)
       if not os.path.exists(value):
         raise FileNotFoundError(
             f"config.data.{key} = {value!r} does not exist. Point it at the prepared data "
