@@ -48,7 +48,8 @@ def step_time_ratio(config_spec: str, steps: int, workers: int | None):
   if workers is not None:
     overrides["data.num_workers"] = workers
   config = load_config(config_spec, overrides)
-  run = trainer._Run(config, "/tmp/_bench_unused")
+  import tempfile
+  run = trainer._Run(config, tempfile.mkdtemp(prefix="bench_"))
   state = run.init_state()
   frozen = state.frozen
   dyn = state.replace(frozen={})

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Simulates a 2-host run on one machine (CPU, 2 processes x 2 devices) to check multi-host code paths:
 #
-#   launch/local_multiprocess.sh configs/diffit_shapes.py:tiny /tmp/mh [--config.key=value ...]
+#   launch/local_multiprocess.sh configs/diffit_shapes.py:tiny workdirs/mh [--config.key=value ...]
 #
 # Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, which
 # jax.distributed.initialize() reads; main.py turns it on because JAX_COORDINATOR_ADDRESS is set.

@@ -1,6 +1,6 @@
 """Config for the trainer tests' toy experiment.
 
-python -m diffusion_jax.main --config tests/train/toy_config.py --workdir /tmp/toy
+python -m diffusion_jax.main --config tests/train/toy_config.py --workdir workdirs/toy
 """
 
 import os
