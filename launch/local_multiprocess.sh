@@ -11,6 +11,7 @@ WORKDIR=${2:?usage: launch/local_multiprocess.sh CONFIG WORKDIR [overrides]}
 shift 2
 PYTHON=${PYTHON:-python}
 PORT=${PORT:-12355}
+mkdir -p "$(dirname "$WORKDIR")"
 pids=()
 for i in 0 1; do
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 \
