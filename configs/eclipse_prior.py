@@ -90,9 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 10 if tiny else 100
   c.optim.grad_clip = 1.0
 
-  c.train.num_steps = 10 if tiny else 1500
+  c.train.num_steps = 10 if tiny else 400
   c.train.log_every = 5 if tiny else 100
-  c.train.ckpt_every = 10 if tiny else 500
+  c.train.ckpt_every = 10 if tiny else 200
   c.train.sample_every = 0
   c.train.eval_every = 0
   c.train.ema_decays = ()
