@@ -85,10 +85,13 @@ class Checkpointer:
       try:
         self.manager.restore(int(step), args=ocp.args.Composite(
             data=grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iterator))))
-      except (ValueError, FileNotFoundError, KeyError) as e:
-        # E.g. saved by a different number of hosts (one iterator file per host).
-        logging.warning("Could not restore the data iterator state of step %d (%s); the input pipeline "
-                        "restarts from its beginning.", step, e)
+      except Exception as e:  # pylint: disable=broad-except
+        # E.g. saved by a different number of hosts (one iterator file per host) or with another
+        # data.num_workers (the iterator state's layout differs).
+        logging.warning("Could not restore the data iterator state of step %d (%s: %s); the input pipeline "
+                        "restarts from its beginning, so the data order differs from an uninterrupted run. "
+                        "Resume with the same number of hosts and data.num_workers to keep it exact.",
+                        step, type(e).__name__, e)
     return out["state"], out["config"]
 
   def wait(self):

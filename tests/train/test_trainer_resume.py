@@ -28,7 +28,7 @@ def _wait_for(pred, proc, timeout=120.0):
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
   n = 8
-  cfg = dict(**{"train.num_steps": n, "train.ckpt_every": 4, "train.log_every": 1})
+  cfg = dict(**{"train.num_steps": n, "train.ckpt_every": 4, "train.log_every": 1, "data.num_workers": 1})
   ref_dir = str(tmp_path / "ref")
   trainer.train(toy.toy_config(**cfg), ref_dir)
   ref = toy.read_metrics(ref_dir)
@@ -36,7 +36,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
   run_dir = str(tmp_path / "killed")
   proc = subprocess.Popen(toy.main_cmd(run_dir, ("train.num_steps", n), ("train.ckpt_every", 4),
-                                       ("toy.step_delay", 0.3)),
+                                       ("toy.step_delay", 0.3), ("data.num_workers", 1)),
                           env=toy.subprocess_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     assert _wait_for(lambda: 4 in toy.finished_checkpoints(run_dir), proc), "no checkpoint at step 4"
@@ -59,15 +59,17 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
 
 def test_sigterm_saves_and_resume_continues(tmp_path):
+  """SIGTERM to the whole process group (as SLURM sends it), a grain worker process included."""
   run_dir = str(tmp_path / "run")
   proc = subprocess.Popen(toy.main_cmd(run_dir, ("train.num_steps", 200), ("train.ckpt_every", 1000),
-                                       ("toy.step_delay", 0.2)),
-                          env=toy.subprocess_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                       ("toy.step_delay", 0.2), ("data.num_workers", 1)),
+                          env=toy.subprocess_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          start_new_session=True)
   try:
     ok = _wait_for(lambda: os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
                    and len(toy.read_metrics(run_dir)) >= 3, proc)
     assert ok, "training did not start"
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
   finally:
     if proc.poll() is None:
@@ -77,7 +79,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
   assert toy.finished_checkpoints(run_dir) == [reached]
   assert 3 <= reached < 200
 
-  result = trainer.train(toy.toy_config(**{"train.num_steps": reached + 2}), run_dir)
+  result = trainer.train(toy.toy_config(**{"train.num_steps": reached + 2, "data.num_workers": 1}), run_dir)
   assert result["step"] == reached + 2
   assert sorted(toy.read_metrics(run_dir))[-3:] == [reached, reached + 1, reached + 2]
 
