@@ -124,3 +124,25 @@ def test_round_trip_and_name_checks(tmp_path):
     P.load_diffit(str(tmp_path / "bad.safetensors"))
   with pytest.raises(io.CheckpointError, match="hidden_size=32"):
     P.load_diffit(path, hidden_size=64)
+
+
+def test_generation_init_from_released_layout(tmp_path):
+  """`config.init_from` loads a released-layout checkpoint into the generation experiment's params."""
+  import importlib
+  from diffusion_jax.experiments.base import get_experiment
+  from diffusion_jax.models.diffit import DiffiTLatent
+  cfg = importlib.import_module("configs.diffit_imagenet256").get_config("tiny")
+  m = cfg.model
+  model = DiffiTLatent(input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels,
+                       hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads, num_classes=m.num_classes)
+  x = jnp.zeros((1, m.input_size, m.input_size, m.in_channels))
+  params = jax.jit(model.init)(jax.random.key(7), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
+  params = jax.tree.map(lambda a: a + 0.01, params)   # non-zero head, differs from a fresh init
+  path = str(tmp_path / "released.safetensors")
+  P.save_diffit(path, params, model)
+  cfg.init_from = path
+  exp = get_experiment(cfg)
+  got = exp.init(jax.random.key(0), {}).params
+  for (ka, a), (kb, b) in zip(io.flatten(got).items(), io.flatten(jax.device_get(params)).items()):
+    assert ka == kb
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0)
