@@ -24,7 +24,8 @@ classifier-free guidance works. Guidance (`config.sample`): `guidance_scale` (1 
 `guidance_channels` (3 for the latent model: only eps channels 0-2 are guided).
 
 Batches: {"image": float32 [B, H, W, 3] in [-1, 1], "label": int32 [B]} (or {"moments", "label"} with cached
-latents). `evaluate()`: shapes-parser class accuracy of class-conditional samples on the shapes world, and a
+latents). `evaluate()`: shapes-parser class accuracy (and colour / shape accuracy of the main object) of class-conditional
+samples on the shapes world, and a
 Frechet distance between feature statistics of samples and real images when `config.eval.fid_feature` names a
 feature function (`FEATURES`; "random_conv" is a fixed random conv net: only a *relative* number, not FID).
 """
@@ -385,7 +386,15 @@ class GenerationExperiment(Experiment):
       from diffusion_jax.data import shapes as S
       from diffusion_jax.eval import shapes_parser as P
       cfg = S.ShapesConfig.from_dict(dict(_get(self.config.data, "shapes", {}) or {}), image_size=self.image_size)
-      out["class_accuracy"] = float(P.class_accuracy(imgs, labels, cfg=cfg, value_range="-1,1"))
+      parsed = P.parse_batch(imgs, cfg=cfg, value_range="-1,1")
+      out["class_accuracy"] = float(P.class_accuracy_parsed(parsed, labels))
+      mains = [P.main_object(objs) for objs in parsed]
+      # Which attribute fails: colour / shape of the main object against the label's (shape * 7 + colour).
+      ncol = len(S.COLOUR_NAMES)
+      out["colour_accuracy"] = float(np.mean([m is not None and m.colour == S.COLOUR_NAMES[l % ncol]
+                                              for m, l in zip(mains, labels)]))
+      out["shape_accuracy"] = float(np.mean([m is not None and m.shape == S.SHAPES[l // ncol]
+                                             for m, l in zip(mains, labels)]))
     feats = self._features(imgs)
     if feats is not None:
       ref = self._reference_images(n)
