@@ -13,6 +13,9 @@ The trainer (`diffusion_jax/train/`) knows nothing of any method. It asks the ex
 * `sample(params, frozen, rng, num)` -> images `[num, H, W, 3]` float in `[0, 1]` (numpy), or `None` when
   the method has no image output; used for periodic PNG grids.
 * `evaluate(params, frozen, rng, workdir)` -> dict of scalar metrics (host side, may run jitted code).
+
+Before `make_dataset`, the trainer sets `experiment.workdir` to the run directory, for experiments with
+on-disk stages or caches (e.g. ECLIPSE's CLIP stage and embedding cache); it is `None` outside a run.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Experiment:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    self.workdir: Optional[str] = None
 
   def make_dataset(self, split: str, *, seed: int, shard_index: int = 0, shard_count: int = 1):
     raise NotImplementedError
