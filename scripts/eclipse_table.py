@@ -137,13 +137,15 @@ def main(argv=None):
     lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
     for obj in objectives:
       runs = list(results[obj].values())
-      lines.append(f"| {NAMES.get(obj, obj)} | " + " | ".join(_fmt([r.get(k) for r in runs]) for k, _ in COLUMNS) + " |")
+      cells = [_fmt([r.get(k) for r in runs]) for k, _ in COLUMNS]
+      lines.append(f"| {NAMES.get(obj, obj)} | " + " | ".join(cells) + " |")
     any_run = next(iter(next(iter(results.values())).values()))
     lines.append("| CLIP text emb. as query (zero-shot, reference) | " + " | ".join(
         _fmt([any_run.get(f"clip_text_{k}")]) if not k.startswith("e2e") else "-" for k, _ in COLUMNS) + " |")
     if dec_res is not None:
       lines.append("| decoder on the true image embeddings (upper bound) | " + " | ".join(
-          _fmt([dec_res.get(k.replace("e2e_", "true_emb_"))]) if k.startswith("e2e") else "-" for k, _ in COLUMNS) + " |")
+          _fmt([dec_res.get(k.replace("e2e_", "true_emb_"))]) if k.startswith("e2e") else "-"
+          for k, _ in COLUMNS) + " |")
     diffs = {}
     if "eclipse" in results and "projection" in results:
       common = sorted(set(results["eclipse"]) & set(results["projection"]))

@@ -201,7 +201,8 @@ class UnclipDecoderExperiment(Experiment):
     scores = shapes_parser.score_all(imgs, np.asarray(arr["objects"][:num]))
     try:
       from diffusion_jax.train.metrics import image_grid, save_png
-      save_png(os.path.join(workdir, "samples", "decoded_true_embeddings.png"), image_grid(imgs[:64].astype(np.float32) / 255.0))
+      save_png(os.path.join(workdir, "samples", "decoded_true_embeddings.png"),
+               image_grid(imgs[:64].astype(np.float32) / 255.0))
     except Exception:  # pragma: no cover
       pass
     return {f"true_emb_{k}": float(v) for k, v in scores.items()}
