@@ -1,6 +1,6 @@
 """Image-space DiffiT on CIFAR-10 (DiffiT App. H.1 / I.1), unconditional, EDM objective and Heun sampler.
 
-    python -m diffusion_jax.main --config configs/diffit_cifar10.py --workdir /tmp/diffit_cifar10 \
+    python -m diffusion_jax.main --config configs/diffit_cifar10.py --workdir runs/diffit_cifar10 \
         --config.data.data_dir=/path/to/tfds
 
 Paper hyper-parameters: 3 stages at 32/16/8 with channels 128/256/256, window 4, time-token dim 512 (Table 3),

@@ -1,6 +1,6 @@
 """Image-space DiffiT on FFHQ-64 (DiffiT App. H.1 / I.1, Tables S.2/S.3), unconditional, EDM + Heun.
 
-    python -m diffusion_jax.main --config configs/diffit_ffhq64.py --workdir /tmp/diffit_ffhq64 \
+    python -m diffusion_jax.main --config configs/diffit_ffhq64.py --workdir runs/diffit_ffhq64 \
         --config.data.data_dir=/path/to/ffhq64_images
 
 Paper hyper-parameters: 4 stages at 64/32/16/8, channels 128/256/256/256, window 8, blocks 1/2/2/2 (App. I.1;

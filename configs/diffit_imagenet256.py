@@ -1,6 +1,6 @@
 """Latent DiffiT-XL/2 on ImageNet-256 (DiffiT §3.2 "Latent Space", App. H.2 / I.2; released code), class-conditional.
 
-    python -m diffusion_jax.main --config configs/diffit_imagenet256.py --workdir /tmp/diffit_in256 \
+    python -m diffusion_jax.main --config configs/diffit_imagenet256.py --workdir runs/diffit_in256 \
         --config.data.data_dir=/path/to/tfds --config.latent.vae_path=/path/to/sd-vae-ft-ema
 
 Model: patch 2, depth 28 (the released constructor and the 561M of Table 9; App. H.2's text says 30), width

@@ -1,6 +1,6 @@
 """Latent DiffiT-XL/2 on ImageNet-512 (DiffiT App. I.2; released `slurm_sample_512.sh`), class-conditional.
 
-    python -m diffusion_jax.main --config configs/diffit_imagenet512.py --workdir /tmp/diffit_in512 \
+    python -m diffusion_jax.main --config configs/diffit_imagenet512.py --workdir runs/diffit_in512 \
         --config.data.data_dir=/path/to/tfds --config.latent.vae_path=/path/to/sd-vae-ft-ema
 
 As diffit_imagenet256.py with latents 64x64x4 (1024 tokens, global TMSA with a 63x63 relative bias table),

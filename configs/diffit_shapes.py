@@ -1,6 +1,6 @@
 """Class-conditional DiffiT on the shapes world (one object per image, 35 classes = 5 shapes x 7 colours).
 
-    python -m diffusion_jax.main --config configs/diffit_shapes.py --workdir /tmp/diffit_shapes
+    python -m diffusion_jax.main --config configs/diffit_shapes.py --workdir runs/diffit_shapes
 
 The image-space U-shaped DiffiT (DiffiT ResBlocks with windowed TMSA, window 4) trained with the EDM objective
 and sampled with EDM's Heun sampler, as the paper's CIFAR-10 model, scaled down to train on a laptop CPU in

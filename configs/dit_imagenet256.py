@@ -1,6 +1,6 @@
 """DiT-XL/2 (adaLN-Zero) on ImageNet-256 latents: the baseline of DiffiT's TMSA-vs-adaLN comparison (§5.9).
 
-    python -m diffusion_jax.main --config configs/dit_imagenet256.py --workdir /tmp/dit_in256 \
+    python -m diffusion_jax.main --config configs/dit_imagenet256.py --workdir runs/dit_in256 \
         --config.data.data_dir=/path/to/tfds --config.latent.vae_path=/path/to/sd-vae-ft-ema
 
 DiT-XL/2 (depth 28, width 1152, 16 heads, patch 2; 675M), the same data, VAE, ADM objective (learned sigma)

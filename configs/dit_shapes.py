@@ -1,6 +1,6 @@
 """The adaLN arm of the TMSA-vs-adaLN ablation on the shapes world (DiffiT §5.9 / Fig. 7b, at small scale).
 
-    python -m diffusion_jax.main --config configs/dit_shapes.py --workdir /tmp/dit_shapes
+    python -m diffusion_jax.main --config configs/dit_shapes.py --workdir runs/dit_shapes
 
 Same as `configs/diffit_shapes.py:adaln` (DiT with adaLN-Zero, width 64, depth 4, patch 2 on 16x16 pixels, EDM
 objective); the TMSA arm is `configs/diffit_shapes.py:tmsa` at equal parameter count (MLP ratio 5.5 vs 4).
