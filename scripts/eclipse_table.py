@@ -93,6 +93,42 @@ def main(argv=None):
     _set(cfg, args.set)
     return cfg
 
+  def write_table(results, dec_res):
+    header = "| prior | " + " | ".join(name for _, name in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    for obj in objectives:
+      runs = list(results[obj].values())
+      cells = [_fmt([r.get(k) for r in runs]) for k, _ in COLUMNS]
+      lines.append(f"| {NAMES.get(obj, obj)} | " + " | ".join(cells) + " |")
+    any_run = next(iter(next(iter(results.values())).values()))
+    lines.append("| CLIP text emb. as query (zero-shot, reference) | " + " | ".join(
+        _fmt([any_run.get(f"clip_text_{k}")]) if not k.startswith("e2e") else "-" for k, _ in COLUMNS) + " |")
+    if dec_res is not None:
+      lines.append("| decoder on the true image embeddings (upper bound) | " + " | ".join(
+          _fmt([dec_res.get(k.replace("e2e_", "true_emb_"))]) if k.startswith("e2e") else "-"
+          for k, _ in COLUMNS) + " |")
+    diffs = {}
+    if "eclipse" in results and "projection" in results:
+      common = sorted(set(results["eclipse"]) & set(results["projection"]))
+      for k, name in COLUMNS:
+        d = [results["eclipse"][s].get(k, np.nan) - results["projection"][s].get(k, np.nan) for s in common]
+        diffs[k] = d
+      lines += ["", "Per-seed difference ECLIPSE - Projection (seeds " + ",".join(map(str, common)) + "):", "",
+                "| | " + " | ".join(name for _, name in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1),
+                "| mean (min, max) | " + " | ".join(
+                    f"{np.mean(v):+.3f} ({np.min(v):+.3f}, {np.max(v):+.3f})" if np.all(np.isfinite(v)) else "-"
+                    for v in diffs.values()) + " |"]
+    n = int(any_run.get("num_examples", 0))
+    text = (f"Shapes world, {len(seeds)} seed(s) per prior, {n} held-out captions (retrieval among {n} images).\n\n"
+            + "\n".join(lines) + "\n")
+    with open(os.path.join(wd, "table.md"), "w") as f:
+      f.write(text)
+    with open(os.path.join(wd, "table.json"), "w") as f:
+      json.dump({"runs": {o: {str(s): r for s, r in v.items()} for o, v in results.items()}, "decoder": dec_res,
+                 "eclipse_minus_projection": diffs}, f, indent=1, default=float)
+    print("\n" + text, flush=True)
+
+
   # Phase 1: every prior (retrieval / binding evaluation at the end of its training).
   results: Dict[str, Dict[int, dict]] = {}
   for obj in objectives:
@@ -131,41 +167,6 @@ def main(argv=None):
         print(f"[table] end-to-end evaluation of {run_wd}", flush=True)
         evaluate(cfg, run_wd)
         results[obj][seed] = _finished(run_wd, int(cfg.train.num_steps))
-
-  def write_table(results, dec_res):
-    header = "| prior | " + " | ".join(name for _, name in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
-    for obj in objectives:
-      runs = list(results[obj].values())
-      cells = [_fmt([r.get(k) for r in runs]) for k, _ in COLUMNS]
-      lines.append(f"| {NAMES.get(obj, obj)} | " + " | ".join(cells) + " |")
-    any_run = next(iter(next(iter(results.values())).values()))
-    lines.append("| CLIP text emb. as query (zero-shot, reference) | " + " | ".join(
-        _fmt([any_run.get(f"clip_text_{k}")]) if not k.startswith("e2e") else "-" for k, _ in COLUMNS) + " |")
-    if dec_res is not None:
-      lines.append("| decoder on the true image embeddings (upper bound) | " + " | ".join(
-          _fmt([dec_res.get(k.replace("e2e_", "true_emb_"))]) if k.startswith("e2e") else "-"
-          for k, _ in COLUMNS) + " |")
-    diffs = {}
-    if "eclipse" in results and "projection" in results:
-      common = sorted(set(results["eclipse"]) & set(results["projection"]))
-      for k, name in COLUMNS:
-        d = [results["eclipse"][s].get(k, np.nan) - results["projection"][s].get(k, np.nan) for s in common]
-        diffs[k] = d
-      lines += ["", "Per-seed difference ECLIPSE - Projection (seeds " + ",".join(map(str, common)) + "):", "",
-                "| | " + " | ".join(name for _, name in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1),
-                "| mean (min, max) | " + " | ".join(
-                    f"{np.mean(v):+.3f} ({np.min(v):+.3f}, {np.max(v):+.3f})" if np.all(np.isfinite(v)) else "-"
-                    for v in diffs.values()) + " |"]
-    n = int(any_run.get("num_examples", 0))
-    text = (f"Shapes world, {len(seeds)} seed(s) per prior, {n} held-out captions (retrieval among {n} images).\n\n"
-            + "\n".join(lines) + "\n")
-    with open(os.path.join(wd, "table.md"), "w") as f:
-      f.write(text)
-    with open(os.path.join(wd, "table.json"), "w") as f:
-      json.dump({"runs": {o: {str(s): r for s, r in v.items()} for o, v in results.items()}, "decoder": dec_res,
-                 "eclipse_minus_projection": diffs}, f, indent=1, default=float)
-    print("\n" + text, flush=True)
 
   write_table(results, dec_res)
   return results
