@@ -141,20 +141,20 @@ def test_time_token_enters_qkv():
 
 
 def test_image_unet_tiny_shapes_and_conditioning():
-  cfg = dict(name="diffit_image", channels=(16, 32), num_blocks=(1, 1), num_heads=2, window_size=4,
-             gn_groups=4, time_embed_dim=32, time_freq_dim=16, num_classes=3)
-  x = jnp.asarray(np.random.RandomState(0).randn(2, 16, 16, 3), jnp.float32)
+  cfg = dict(name="diffit_image", channels=(8, 16), num_blocks=(1, 1), num_heads=2, window_size=4,
+             gn_groups=4, time_embed_dim=16, time_freq_dim=8, num_classes=3)
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 3), jnp.float32)
   t, y = jnp.array([0.1, -0.5]), jnp.array([0, 2])
   m = build_model({**cfg, "skip_merge": "add"})
   shapes = jax.eval_shape(m.init, jax.random.key(0), x, t, y)["params"]
-  assert shapes["skip_proj_0"]["kernel"].shape == (1, 1, 16, 32)   # skip 16 -> 32 channels, then add
-  assert jax.eval_shape(m.apply, {"params": shapes}, x, t, y).shape == (2, 16, 16, 3)
+  assert shapes["skip_proj_0"]["kernel"].shape == (1, 1, 8, 16)   # skip 8 -> 16 channels, then add
+  assert jax.eval_shape(m.apply, {"params": shapes}, x, t, y).shape == (2, 8, 8, 3)
   m = build_model({**cfg, "skip_merge": "concat"})
   v = jax.jit(m.init)(jax.random.key(0), x, t, y)
-  assert v["params"]["dec_0_0"]["skip"]["kernel"].shape == (1, 1, 48, 16)   # concat(32 up, 16 skip) -> 16
+  assert v["params"]["dec_0_0"]["skip"]["kernel"].shape == (1, 1, 24, 8)   # concat(16 up, 8 skip) -> 8
   apply = jax.jit(m.apply)
   out = apply(v, x, t, y)
-  assert out.shape == (2, 16, 16, 3)
+  assert out.shape == (2, 8, 8, 3)
   np.testing.assert_array_equal(np.asarray(out), 0.0)   # zero-initialised head conv
   v = _randomize(v, scale=0.1)
   o1, o2, o3 = apply(v, x, t, y), apply(v, x, t, jnp.array([1, 1])), apply(v, x, t + 1.0, y)
