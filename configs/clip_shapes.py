@@ -1,6 +1,6 @@
 """A small CLIP trained on the shapes world (symmetric InfoNCE), the CLIP of the built-in ECLIPSE run.
 
-    python -m diffusion_jax.main --config configs/clip_shapes.py --workdir /tmp/eclipse/clip
+    python -m diffusion_jax.main --config configs/clip_shapes.py --workdir runs/eclipse/clip
 
 `configs/eclipse_prior.py` runs this first (in WORKDIR/clip) when no pretrained CLIP is configured, and reuses
 it when `WORKDIR/clip/hf_clip` exists. The model is a transformers-layout CLIPModel: a ViT on 32x32 images

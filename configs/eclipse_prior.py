@@ -1,6 +1,6 @@
 """ECLIPSE text-to-image prior (Patel et al., CVPR 2024) on the shapes world; the project's main command.
 
-    python -m diffusion_jax.main --config configs/eclipse_prior.py --workdir /tmp/eclipse
+    python -m diffusion_jax.main --config configs/eclipse_prior.py --workdir runs/eclipse
 
 Stages (each reused when its output already exists in the work dir, so re-running resumes):
   1. `WORKDIR/clip`: a small CLIP trained on the shapes world (`configs/clip_shapes.py`), unless

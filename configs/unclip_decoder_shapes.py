@@ -1,7 +1,7 @@
 """The unCLIP decoder of the shapes-world ECLIPSE evaluation: renders 32x32 images from CLIP image embeddings.
 
-    python -m diffusion_jax.main --config configs/unclip_decoder_shapes.py --workdir /tmp/unclip_decoder \
-        --config.clip.workdir=/tmp/eclipse/clip --config.data.embedding_cache=/tmp/eclipse/cache
+    python -m diffusion_jax.main --config configs/unclip_decoder_shapes.py --workdir runs/unclip_decoder \
+        --config.clip.workdir=runs/eclipse/clip --config.data.embedding_cache=runs/eclipse/cache
 
 Use the CLIP and embedding cache of an `eclipse_prior` run (the two keys above); without them it trains its
 own shapes CLIP in WORKDIR/clip first. Epsilon-prediction DDPM (linear 1000-step schedule), embedding dropped

@@ -1,6 +1,6 @@
 """Small-scale ECLIPSE Table 2 on the shapes world: Projection vs Diffusion-Baseline vs ECLIPSE priors, several seeds.
 
-    python scripts/eclipse_table.py --workdir /tmp/eclipse_table [--seeds 0,1,2] [--variant tiny]
+    python scripts/eclipse_table.py --workdir runs/eclipse_table [--seeds 0,1,2] [--variant tiny]
         [--objectives eclipse,projection,diffusion] [--no-decoder] [--set prior.tau=0.1 ...]
 
 One shapes CLIP and one embedding cache (DIR/clip, DIR/cache) and one unCLIP decoder (DIR/decoder,
