@@ -93,7 +93,7 @@ def main(argv=None):
     _set(cfg, args.set)
     return cfg
 
-  def write_table(results, dec_res):
+  def write_table(results, dec_res, dec_cfg=None):
     header = "| prior | " + " | ".join(name for _, name in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
     for obj in objectives:
@@ -119,8 +119,12 @@ def main(argv=None):
                     f"{np.mean(v):+.3f} ({np.min(v):+.3f}, {np.max(v):+.3f})" if np.all(np.isfinite(v)) else "-"
                     for v in diffs.values()) + " |"]
     n = int(any_run.get("num_examples", 0))
-    text = (f"Shapes world, {len(seeds)} seed(s) per prior, {n} held-out captions (retrieval among {n} images).\n\n"
-            + "\n".join(lines) + "\n")
+    text = f"Shapes world, {len(seeds)} seed(s) per prior, {n} held-out captions (retrieval among {n} images)."
+    if dec_res is not None:
+      text += (f" End-to-end (e2e) columns: the first {int(dec_cfg.eval.num_examples)} of them decoded by one unCLIP "
+               f"decoder ({int(dec_res.get('step', 0))} steps; DDIM {int(dec_cfg.sample.steps)} steps, guidance "
+               f"{float(dec_cfg.sample.guidance):g}) and scored by the shapes parser.")
+    text += "\n\n" + "\n".join(lines) + "\n"
     with open(os.path.join(wd, "table.md"), "w") as f:
       f.write(text)
     with open(os.path.join(wd, "table.json"), "w") as f:
@@ -163,12 +167,16 @@ def main(argv=None):
           continue
         cfg = prior_config(obj, seed)
         cfg.eval.decoder_workdir = dec_wd
+        # Decode exactly as the decoder's own reference row does (same held-out captions, sampler, guidance).
+        cfg.eval.num_decoded = int(dcfg.eval.num_examples)
+        cfg.eval.decoder_steps = int(dcfg.sample.steps)
+        cfg.eval.decoder_guidance = float(dcfg.sample.guidance)
         run_wd = os.path.join(wd, f"{obj}_seed{seed}")
         print(f"[table] end-to-end evaluation of {run_wd}", flush=True)
         evaluate(cfg, run_wd)
         results[obj][seed] = _finished(run_wd, int(cfg.train.num_steps))
 
-  write_table(results, dec_res)
+  write_table(results, dec_res, None if args.no_decoder else dcfg)
   return results
 
 
