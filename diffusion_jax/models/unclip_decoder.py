@@ -2,9 +2,10 @@
 
 unCLIP (and ECLIPSE §3.1) renders an image from a CLIP image embedding z_x with a diffusion decoder; only
 the prior is trained by ECLIPSE, the decoder stays frozen. This module is the small stand-in decoder used
-for the end-to-end evaluation on the shapes world: a two-level convolutional UNet whose residual blocks are
-modulated (scale/shift) by `time embedding + Linear(z_x)`; as in unCLIP's decoder the image embedding is
-projected into the timestep embedding. A zero embedding plus `cond_mask = 0` is the unconditional branch
+for the end-to-end evaluation on the shapes world: a convolutional UNet (one level per entry of `channels`,
+stride-2 down-sampling between levels) whose residual blocks are modulated (scale/shift) by
+`time embedding + Linear(z_x)`; as in unCLIP's decoder the image embedding is projected into the timestep
+embedding. A zero embedding plus `cond_mask = 0` is the unconditional branch
 used for classifier-free guidance.
 """
 
