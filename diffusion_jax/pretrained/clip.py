@@ -105,30 +105,12 @@ def flax_to_torch_state(params: Any) -> Dict[str, np.ndarray]:
 
 
 def load_weights(directory: str, stem: str, *, allow_pickle: bool = False) -> Dict[str, np.ndarray]:
-  """Reads `stem.safetensors`, a sharded `stem.safetensors.index.json`, or (only with `allow_pickle`) the pickle
-  twins `stem.bin` / `pytorch_model.bin`."""
-  index = os.path.join(directory, f"{stem}.safetensors.index.json")
-  if not os.path.exists(os.path.join(directory, f"{stem}.safetensors")) and os.path.exists(index):
-    files = sorted(set(io.read_json(index)["weight_map"].values()))
-    state: Dict[str, np.ndarray] = {}
-    for f in files:
-      state.update(io.load_state_dict(os.path.join(directory, f)))
-    return state
+  """`io.load_weights_dir`, plus transformers' legacy `pytorch_model.bin` name (only with `allow_pickle`)."""
   legacy = os.path.join(directory, "pytorch_model.bin")
   if (stem == "model" and not os.path.exists(os.path.join(directory, "model.safetensors"))
-      and os.path.exists(legacy)):
+      and not os.path.exists(os.path.join(directory, "model.safetensors.index.json")) and os.path.exists(legacy)):
     return io.load_state_dict(legacy, allow_pickle=allow_pickle)
-  return io.load_state_dict(io.find_weights_file(directory, stem, allow_pickle=allow_pickle),
-                            allow_pickle=allow_pickle)
-
-
-def save_weights(state: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes a torch-style safetensors file, keeping 0-d tensors 0-d (e.g. CLIP's `logit_scale`)."""
-  from safetensors.numpy import save_file
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  arrays = {k: np.array(v, dtype=np.float32 if np.asarray(v).dtype.kind == "f" else None, order="C", copy=True)
-            for k, v in state.items()}
-  save_file(arrays, path, metadata={"format": "pt"})
+  return io.load_weights_dir(directory, stem, allow_pickle=allow_pickle)
 
 
 def _resolve(path: str, subfolder: Optional[str]) -> str:
@@ -287,5 +269,5 @@ def save_clip(directory: str, params: Mapping[str, Any], config: ConfigT, kind: 
   state = flax_to_torch_state(params)
   io.check_names(flat_expected, state, f"Params for {_ARCH_OF_KIND[kind]}")
   os.makedirs(directory, exist_ok=True)
-  save_weights(state, os.path.join(directory, "model.safetensors"))
+  io.save_state_dict(state, os.path.join(directory, "model.safetensors"))
   io.write_json(cfg, os.path.join(directory, "config.json"))

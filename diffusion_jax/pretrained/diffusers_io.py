@@ -30,8 +30,8 @@ import numpy as np
 from diffusion_jax.models.controlnet import ControlNetConfig, abstract_controlnet_params
 from diffusion_jax.models.unet import UNetConfig, abstract_unet_params
 from diffusion_jax.models.vae import VAEConfig, abstract_vae_params
-from diffusion_jax.pretrained.io import (CheckpointError, check_names, check_shape, find_weights_file, flatten,
-                                         load_state_dict, read_json, save_state_dict, unflatten, write_json)
+from diffusion_jax.pretrained.io import (CheckpointError, check_names, check_shape, flatten, load_weights_dir,
+                                         read_json, save_state_dict, unflatten, write_json)
 from diffusion_jax.registry import check_choice
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -128,14 +128,7 @@ def _resolve_dir(directory: str, subfolder: Optional[str], default_sub: str) -> 
 
 def _load_weights(directory: str, variant: Optional[str], allow_pickle: bool) -> Dict[str, np.ndarray]:
   stem = WEIGHTS_STEM + (f".{variant}" if variant else "")
-  index = os.path.join(directory, f"{stem}.safetensors.index.json")
-  if os.path.exists(index):
-    shards = sorted(set(read_json(index)["weight_map"].values()))
-    state: Dict[str, np.ndarray] = {}
-    for s in shards:
-      state.update(load_state_dict(os.path.join(directory, s), allow_pickle=allow_pickle))
-    return state
-  return load_state_dict(find_weights_file(directory, stem, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+  return load_weights_dir(directory, stem, allow_pickle=allow_pickle)
 
 
 def load_diffusers_model(directory: str, kind: str, *, subfolder: Optional[str] = None,

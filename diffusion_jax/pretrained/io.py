@@ -68,6 +68,18 @@ def find_weights_file(directory: str, stem: str, *, allow_pickle: bool = False) 
   raise FileNotFoundError(f"No {stem}.safetensors in {directory} (files: {sorted(os.listdir(directory))}).")
 
 
+def load_weights_dir(directory: str, stem: str, *, allow_pickle: bool = False) -> Dict[str, np.ndarray]:
+  """Reads a transformers/diffusers weights file from `directory`: `stem.safetensors`, or the shards listed in
+  `stem.safetensors.index.json`, or (only with `allow_pickle`) a pickle twin such as `stem.bin`."""
+  index = os.path.join(directory, f"{stem}.safetensors.index.json")
+  if not os.path.exists(os.path.join(directory, f"{stem}.safetensors")) and os.path.exists(index):
+    state: Dict[str, np.ndarray] = {}
+    for shard in sorted(set(read_json(index)["weight_map"].values())):
+      state.update(load_state_dict(os.path.join(directory, shard), allow_pickle=allow_pickle))
+    return state
+  return load_state_dict(find_weights_file(directory, stem, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+
+
 def read_json(path: str) -> Dict[str, Any]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"Missing config file {path}.")

@@ -28,7 +28,7 @@ from diffusion_jax.models import prior as prior_lib
 from diffusion_jax.models.clip import count_params  # noqa: F401  (re-exported for scripts)
 from diffusion_jax.pretrained import io
 from diffusion_jax.pretrained.clip import (_resolve, flax_to_torch_name, flax_to_torch_state, load_weights,
-                                           save_weights, torch_state_to_flax)
+                                           torch_state_to_flax)
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 _FIELDS = [f.name for f in dataclasses.fields(prior_lib.PriorConfig) if f.name != "use_timestep"]
@@ -94,5 +94,5 @@ def save_prior(directory: str, params: Mapping[str, Any], config: prior_lib.Prio
   state = flax_to_torch_state(params)
   io.check_names(expected, state, "Prior params")
   os.makedirs(directory, exist_ok=True)
-  save_weights(state, os.path.join(directory, f"{WEIGHTS_STEM}.safetensors"))
+  io.save_state_dict(state, os.path.join(directory, f"{WEIGHTS_STEM}.safetensors"))
   io.write_json(prior_config_to_dict(config), os.path.join(directory, "config.json"))

@@ -64,3 +64,18 @@ def test_json_round_trip(tmp_path):
   assert io.read_json(p) == {"x": 1, "y": [1, 2]}
   with pytest.raises(FileNotFoundError, match="Missing config file"):
     io.read_json(os.path.join(tmp_path, "none.json"))
+
+
+def test_load_weights_dir_single_and_sharded(tmp_path):
+  single, sharded = tmp_path / "single", tmp_path / "sharded"
+  io.save_state_dict({"a": np.ones(2), "b": np.zeros(3)}, str(single / "model.safetensors"))
+  assert sorted(io.load_weights_dir(str(single), "model")) == ["a", "b"]
+  io.save_state_dict({"a": np.ones(2)}, str(sharded / "model-00001-of-00002.safetensors"))
+  io.save_state_dict({"b": np.full(3, 7.0)}, str(sharded / "model-00002-of-00002.safetensors"))
+  io.write_json({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}},
+                str(sharded / "model.safetensors.index.json"))
+  state = io.load_weights_dir(str(sharded), "model")
+  assert sorted(state) == ["a", "b"]
+  np.testing.assert_array_equal(state["b"], np.full(3, 7.0, np.float32))
+  with pytest.raises(FileNotFoundError, match="No other.safetensors"):
+    io.load_weights_dir(str(sharded), "other")
