@@ -4,6 +4,7 @@
   shapes.py       the procedural shapes world (ShapesSource)
   tfds_source.py  TFDS array_record builds read TF-free (TfdsSource)
   folder.py       a folder of images with optional captions (FolderSource)
+  clip_cache.py   (caption, image) pairs from the sources above -> cached CLIP embeddings (EmbeddingSource)
 
 `make_image_source(config.data, split, seed)` picks one of them by `config.data.name` ("shapes", "tfds",
 "folder"); an unknown name raises with the list of valid names. Experiments may use it or build their own.
@@ -11,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from diffusion_jax.registry import Registry
@@ -48,17 +48,11 @@ def _tfds(dc, split: str, seed: int):
 
 @IMAGE_SOURCES.register("folder")
 def _folder(dc, split: str, seed: int):
-  """Keys: data_dir (uses data_dir/<split> when that exists), image_size, captions ("auto" | "txt" | path),
-  labels_from_subdirs."""
+  """Keys: data_dir (uses data_dir/<split> when that exists), image_size, captions ("auto" | "txt" | path of a
+  .jsonl / .tsv), captions_file (a captions path, takes precedence), labels_from_subdirs."""
   del seed
-  from diffusion_jax.data.folder import FolderSource
-  root = _get(dc, "data_dir", "")
-  if not root:
-    raise ValueError("config.data.name='folder' needs config.data.data_dir (the image folder).")
-  if os.path.isdir(os.path.join(root, split)):
-    root = os.path.join(root, split)
-  return FolderSource(root, int(_get(dc, "image_size", 32)), captions=_get(dc, "captions", "auto"),
-                      labels_from_subdirs=bool(_get(dc, "labels_from_subdirs", False)))
+  from diffusion_jax.data.folder import source_from_config
+  return source_from_config(dc, split)
 
 
 def make_image_source(data_config: Any, split: str, seed: int):

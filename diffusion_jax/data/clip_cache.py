@@ -21,20 +21,30 @@ meta.json           counts, dims, the CLIP it came from, `complete: true` once e
 ==================  ==================  ==========================================================
 
 `normalize=True` stores L2-normalised `text_emb` / `image_emb` (and counterfactuals); the hidden states are
-kept as the CLIP returns them. A cache is written into `<dir>.tmp` and renamed, so an interrupted build never
-looks complete; `ensure_cache` reuses a complete cache whose `meta.json` matches the request.
+kept as the CLIP returns them. A cache is written into `<dir>.tmp` and renamed once complete, so an interrupted
+build never looks complete (and a failed build removes its `.tmp`); `ensure_cache` reuses a complete cache whose
+`meta.json` matches the request.
 
-Pair sources (iterables of dicts with `caption`, `image` uint8 [H, W, 3], optionally `objects`):
-`shapes_pairs`, `image_folder_pairs` (a folder of images + `captions.jsonl`/`.tsv`), `tfds_pairs`
-(a TFDS array_record build in a data_dir, read TF-free with `tfds.data_source`).
+Pair sources (iterables of dicts with `caption`, `image` uint8 [H, W, 3], optionally `objects`), named by
+`config.data.name`: `shapes` (`shapes_pairs`, rendered here), `image_folder` (`data/folder.FolderSource`: a folder
+of images + `captions.jsonl` / `captions.tsv` / `config.data.captions_file` / `.txt` side files, using
+`<data_dir>/<split>/` when it exists) and `tfds` (`data/tfds_source.TfdsSource`: a TFDS array_record build in a
+data_dir, read TF-free). This module reads no files itself: every image is brought to the CLIP's input size by
+`data/pipeline.resize_center_crop` (shorter side resized, bicubic, then centre-cropped, as CLIP's own
+preprocessing does), in the pair stream and in `preprocess_images`.
+
+`ClipEmbedder` jits one text and one image function, with the CLIP weights as arguments (not constants in the
+compiled program); `build_cache` encodes fixed-size batches, padding the last one (and the empty caption) to
+`batch_size`, so each function is traced and compiled once per cache.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,7 +52,6 @@ from diffusion_jax.registry import check_choice
 
 SOURCES = ("shapes", "image_folder", "tfds")
 COUNTERFACTUALS = ("colour", "position")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # OpenAI CLIP pixel statistics (CLIPImageProcessor defaults).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -111,80 +120,47 @@ def shapes_pairs(num: int, seed: int, split: str, shapes_cfg=None, counterfactua
     yield out
 
 
-def _load_image(path: str, size: int) -> np.ndarray:
-  from PIL import Image
-  with Image.open(path) as im:
-    im = im.convert("RGB")
-    w, h = im.size
-    s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    im = im.resize((size, size), Image.BICUBIC)
-    return np.asarray(im, np.uint8)
-
-
-def read_captions_file(path: str) -> List[Dict[str, str]]:
-  """`captions.jsonl` lines {"file": ..., "caption": ...} or a `.tsv` of `file<TAB>caption`."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Captions file {path} not found. An image folder needs captions.jsonl "
-                            '(lines {"file": "img.png", "caption": "..."}) or a .tsv of file<TAB>caption; '
-                            "set config.data.captions_file.")
-  rows = []
-  with open(path) as f:
-    for ln, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line.strip():
-        continue
-      if path.endswith(".tsv"):
-        parts = line.split("\t", 1)
-        if len(parts) != 2:
-          raise ValueError(f"{path}:{ln}: expected 'file<TAB>caption'.")
-        rows.append({"file": parts[0], "caption": parts[1]})
-      else:
-        d = json.loads(line)
-        if "file" not in d or "caption" not in d:
-          raise ValueError(f"{path}:{ln}: each line needs 'file' and 'caption' keys.")
-        rows.append({"file": d["file"], "caption": d["caption"]})
-  return rows
-
-
-def image_folder_pairs(data_dir: str, image_size: int, captions_file: str = "", split: str = "train",
-                       num: Optional[int] = None) -> Iterator[Dict[str, Any]]:
-  """Pairs from a folder: `<data_dir>/<split>/captions.jsonl` if that folder exists, else `<data_dir>`."""
-  root = os.path.join(data_dir, split) if os.path.isdir(os.path.join(data_dir, split)) else data_dir
-  rows = read_captions_file(captions_file or os.path.join(root, "captions.jsonl"))
-  for r in rows[:num] if num else rows:
-    yield {"caption": r["caption"], "image": _load_image(os.path.join(root, r["file"]), image_size)}
-
-
-def tfds_pairs(name: str, data_dir: str, split: str, image_size: int, image_key: str = "image",
-               caption_key: str = "caption", num: Optional[int] = None) -> Iterator[Dict[str, Any]]:
-  """Pairs from a TFDS array_record build (`tfds.data_source`, no TensorFlow). `caption_key` may be a
-  "/"-path into nested features (e.g. "captions/text"); a list of captions takes the first."""
-  import tensorflow_datasets as tfds
-  src = tfds.data_source(name, split=split, data_dir=data_dir or None)
-  n = len(src) if not num else min(num, len(src))
+def source_pairs(source, image_size: int, num: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+  """(caption, image) pairs of a random-access source whose examples hold "caption" and "image" (a
+  `FolderSource`, a `TfdsSource` with a caption_key): the first `num` (all if None), each image resized and
+  centre-cropped to `image_size` (`pipeline.ResizeCrop`: grey -> RGB, no-op at the right size)."""
+  from diffusion_jax.data.pipeline import ResizeCrop
+  resize = ResizeCrop(image_size)
+  n = len(source) if not num else min(int(num), len(source))
   for i in range(n):
-    ex = src[i]
-    cap = ex
-    for part in caption_key.split("/"):
-      cap = cap[part]
-    if isinstance(cap, (list, tuple, np.ndarray)) and np.ndim(cap) > 0:
-      cap = cap[0]
-    if isinstance(cap, bytes):
-      cap = cap.decode("utf-8")
-    img = np.asarray(ex[image_key])
-    if img.shape[:2] != (image_size, image_size):
-      from PIL import Image
-      im = Image.fromarray(img)
-      w, h = im.size
-      s = min(w, h)
-      im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize(
-          (image_size, image_size), Image.BICUBIC)
-      img = np.asarray(im.convert("RGB"))
-    yield {"caption": str(cap), "image": img}
+    ex = source[i]
+    yield {"caption": str(ex["caption"]), "image": resize.map({"image": ex["image"]})["image"]}
 
 
 # ------------------------------------------------------------------------------------------- the encoder
+
+
+def _text_forward(module, params, ids, mask):
+  out = module.apply({"params": params}, ids, mask)
+  return out["last_hidden_state"], out["text_embeds"]
+
+
+def _image_forward(module, params, pixels):
+  return module.apply({"params": params}, pixels)["image_embeds"]
+
+
+def _run_batched(fn: Callable, arrays: Tuple[np.ndarray, ...], batch_size: Optional[int]) -> List[np.ndarray]:
+  """`fn(*chunk)` over chunks of `batch_size` rows (all rows at once if None); a short last chunk is padded by
+  repeating its last row (so `fn` sees one shape) and the padding is dropped from the outputs."""
+  n = len(arrays[0])
+  bs = int(batch_size) if batch_size else n
+  if n == 0 or bs <= 0:
+    raise ValueError(f"Nothing to encode (n={n}, batch_size={batch_size}).")
+  outs: List[List[np.ndarray]] = []
+  for start in range(0, n, bs):
+    chunk = [a[start:start + bs] for a in arrays]
+    k = len(chunk[0])
+    if k < bs:
+      chunk = [np.concatenate([c, np.repeat(c[-1:], bs - k, axis=0)]) for c in chunk]
+    res = fn(*chunk)
+    res = res if isinstance(res, tuple) else (res,)
+    outs.append([np.asarray(r, np.float32)[:k] for r in res])
+  return [np.concatenate(col) for col in zip(*outs)]
 
 
 class ClipEmbedder:
@@ -192,11 +168,13 @@ class ClipEmbedder:
 
   Built from a transformers-layout CLIP directory (`config.json` + `model.safetensors`, a CLIPModel) —
   either a public checkpoint or the small shapes-world CLIP that `clip_pretrain` exports in that layout.
+  The weights are arguments of the two jitted functions (`_text(params, ids, mask)`, `_image(params, pixels)`),
+  which compile once per input shape; `encode_*(..., batch_size=B)` always calls them on B rows (padding the
+  last chunk), so any number of inputs costs one compile.
   """
 
   def __init__(self, clip_dir: str, max_length: int = 0, image_size: Optional[int] = None):
     import jax
-    import jax.numpy as jnp
     from diffusion_jax.pretrained import clip as clip_io
     from diffusion_jax.models import clip as clip_lib
     module, params, cfg = clip_io.load_clip(clip_dir, kind="clip")
@@ -210,19 +188,10 @@ class ClipEmbedder:
     self.tokenizer = load_tokenizer(clip_dir)
     text = clip_lib.CLIPTextModel(cfg.text, with_projection=True)
     vision = clip_lib.CLIPVisionModel(cfg.vision, with_projection=True)
-    tparams = {"text_model": params["text_model"], "text_projection": params["text_projection"]}
-    vparams = {"vision_model": params["vision_model"], "visual_projection": params["visual_projection"]}
-
-    @jax.jit
-    def _text(ids, mask):
-      out = text.apply({"params": tparams}, ids, mask)
-      return out["last_hidden_state"], out["text_embeds"]
-
-    @jax.jit
-    def _image(pixels):
-      return vision.apply({"params": vparams}, pixels)["image_embeds"]
-
-    self._text, self._image, self._jnp = _text, _image, jnp
+    self._tparams = {"text_model": params["text_model"], "text_projection": params["text_projection"]}
+    self._vparams = {"vision_model": params["vision_model"], "visual_projection": params["visual_projection"]}
+    self._text = jax.jit(functools.partial(_text_forward, text))
+    self._image = jax.jit(functools.partial(_image_forward, vision))
 
   @property
   def embed_dim(self) -> int:
@@ -231,26 +200,29 @@ class ClipEmbedder:
   def tokenize(self, captions: Sequence[str]):
     return tokenize(self.tokenizer, captions, self.max_length)
 
-  def encode_text(self, captions: Sequence[str]) -> Dict[str, np.ndarray]:
+  def encode_text(self, captions: Sequence[str], batch_size: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """-> text_hidden float32 [B, L, D], text_emb float32 [B, E], text_mask uint8 [B, L]; run `batch_size`
+    captions at a time (all at once if None)."""
     ids, mask = self.tokenize(captions)
-    hidden, emb = self._text(ids, mask)
-    return {"text_hidden": np.asarray(hidden, np.float32), "text_emb": np.asarray(emb, np.float32),
-            "text_mask": mask.astype(np.uint8)}
+    hidden, emb = _run_batched(functools.partial(self._text, self._tparams), (ids, mask), batch_size)
+    return {"text_hidden": hidden, "text_emb": emb, "text_mask": mask.astype(np.uint8)}
 
   def preprocess(self, images: np.ndarray) -> np.ndarray:
     return preprocess_images(images, self.image_size)
 
-  def encode_images(self, images: np.ndarray) -> np.ndarray:
-    return np.asarray(self._image(self.preprocess(images)), np.float32)
+  def encode_images(self, images: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> float32 [B, E]; `batch_size` images at a time (all at once if None)."""
+    (emb,) = _run_batched(functools.partial(self._image, self._vparams), (self.preprocess(images),), batch_size)
+    return emb
 
 
 def preprocess_images(images: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [B, H, W, 3] -> CLIP pixels: resized (bicubic, only if needed) to `size`, [0, 1], CLIP mean/std."""
+  """uint8 [B, H, W, 3] -> CLIP pixels: resized and centre-cropped to `size` (`pipeline.resize_center_crop`,
+  only if needed), [0, 1], CLIP mean/std."""
   x = np.asarray(images)
   if x.shape[1] != size or x.shape[2] != size:
-    from PIL import Image
-    x = np.stack([np.asarray(Image.fromarray(np.asarray(im, np.uint8)).resize((size, size), Image.BICUBIC))
-                  for im in x])
+    from diffusion_jax.data.pipeline import resize_center_crop
+    x = np.stack([resize_center_crop(im, size) for im in x])
   x = x.astype(np.float32) / 255.0
   return (x - CLIP_MEAN) / CLIP_STD
 
@@ -332,22 +304,42 @@ def is_complete(cache_dir: str, want: Optional[Mapping[str, Any]] = None) -> boo
 def build_cache(embedder: ClipEmbedder, pairs: Iterable[Dict[str, Any]], cache_dir: str, *,
                 request: Mapping[str, Any], batch_size: int = 256, normalize: bool = True,
                 keep_images: bool = False, progress: bool = True) -> Dict[str, Any]:
-  """Encodes every pair with `embedder` and writes the cache (see the module docstring) atomically."""
-  from tqdm import tqdm
+  """Encodes every pair with `embedder` and writes the cache (see the module docstring) atomically.
+
+  The embedder always sees `batch_size` rows (the last batch and the empty caption are padded), so its text
+  and image functions compile once. Everything goes to `<cache_dir>.tmp`, renamed to `cache_dir` only when
+  complete; if anything fails (the pair stream included) the `.tmp` is removed and `cache_dir` is untouched."""
+  batch_size = int(batch_size)
+  if batch_size <= 0:
+    raise ValueError(f"build_cache: batch_size must be positive, got {batch_size}.")
   tmp = cache_dir.rstrip("/") + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
+  try:
+    meta = _build_into(embedder, pairs, cache_dir, tmp, request=request, batch_size=batch_size,
+                       normalize=normalize, keep_images=keep_images, progress=progress)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  shutil.rmtree(cache_dir, ignore_errors=True)
+  os.replace(tmp, cache_dir)
+  return meta
+
+
+def _build_into(embedder: ClipEmbedder, pairs: Iterable[Dict[str, Any]], cache_dir: str, tmp: str, *,
+                request: Mapping[str, Any], batch_size: int, normalize: bool, keep_images: bool,
+                progress: bool) -> Dict[str, Any]:
+  from tqdm import tqdm
   cols: Dict[str, List[np.ndarray]] = {}
   captions: List[str] = []
-  total = request.get("num")
-  bar = tqdm(total=total, desc=f"CLIP cache {os.path.basename(cache_dir)}", disable=not progress,
+  bar = tqdm(total=request.get("num"), desc=f"CLIP cache {os.path.basename(cache_dir)}", disable=not progress,
              dynamic_ncols=True, mininterval=1.0)
 
   def flush(buf: List[Dict[str, Any]]):
     caps = [b["caption"] for b in buf]
-    t = embedder.encode_text(caps)
+    t = embedder.encode_text(caps, batch_size=batch_size)
     imgs = np.stack([b["image"] for b in buf])
-    z_img = embedder.encode_images(imgs)
+    z_img = embedder.encode_images(imgs, batch_size=batch_size)
     out = {"text_hidden": t["text_hidden"].astype(np.float16), "text_mask": t["text_mask"],
            "text_emb": _l2n(t["text_emb"]) if normalize else t["text_emb"],
            "image_emb": _l2n(z_img) if normalize else z_img}
@@ -360,7 +352,7 @@ def build_cache(embedder: ClipEmbedder, pairs: Iterable[Dict[str, Any]], cache_d
       if key in buf[0]:
         valid = np.array([b[key] is not None for b in buf])
         cf_imgs = np.stack([b[key] if b[key] is not None else b["image"] for b in buf])
-        z = embedder.encode_images(cf_imgs)
+        z = embedder.encode_images(cf_imgs, batch_size=batch_size)
         out[f"{key}_emb"] = _l2n(z) if normalize else z
         out[f"{key}_valid"] = valid
     for k, v in out.items():
@@ -368,18 +360,20 @@ def build_cache(embedder: ClipEmbedder, pairs: Iterable[Dict[str, Any]], cache_d
     captions.extend(caps)
     bar.update(len(buf))
 
-  buf: List[Dict[str, Any]] = []
-  for pair in pairs:
-    buf.append(pair)
-    if len(buf) == batch_size:
+  try:
+    buf: List[Dict[str, Any]] = []
+    for pair in pairs:
+      buf.append(pair)
+      if len(buf) == batch_size:
+        flush(buf)
+        buf = []
+    if buf:
       flush(buf)
-      buf = []
-  if buf:
-    flush(buf)
-  bar.close()
+  finally:
+    bar.close()
   if not captions:
     raise ValueError(f"No (caption, image) pairs to cache into {cache_dir}; check the data source.")
-  null = embedder.encode_text([""])
+  null = embedder.encode_text([""], batch_size=batch_size)
   arrays = {k: np.concatenate(v) for k, v in cols.items()}
   arrays["null_text_hidden"] = null["text_hidden"].astype(np.float16)
   arrays["null_text_mask"] = null["text_mask"]
@@ -392,10 +386,8 @@ def build_cache(embedder: ClipEmbedder, pairs: Iterable[Dict[str, Any]], cache_d
           "text_dim": int(arrays["text_hidden"].shape[2]), "embed_dim": int(arrays["image_emb"].shape[1]),
           "normalize": bool(normalize), "clip_dir": os.path.abspath(embedder.clip_dir),
           "keys": sorted(arrays), "request": dict(request)}
-  with open(os.path.join(tmp, "meta.json"), "w") as f:
+  with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: a .tmp with meta.json is whole
     json.dump(meta, f, indent=1)
-  shutil.rmtree(cache_dir, ignore_errors=True)
-  os.replace(tmp, cache_dir)
   return meta
 
 
@@ -455,7 +447,12 @@ class EmbeddingSource:
 
 def pairs_from_config(data_cfg, split: str, *, seed: int, num: Optional[int], image_size: int,
                       counterfactuals: bool = False) -> Iterator[Dict[str, Any]]:
-  """The (caption, image) stream a data config names (`data.name` in SOURCES)."""
+  """The (caption, image) stream a data config names (`data.name` in SOURCES), images at `image_size`.
+
+  `image_folder` reads `data/folder.source_from_config` (`data_dir`, `<data_dir>/<split>/`, `captions_file`),
+  `tfds` a `data/tfds_source.TfdsSource` (`tfds_name`, `data_dir`, `image_key`, `caption_key`); the split read is
+  `config.data.<split>_split` (default `split`). Sources are opened here, so a missing folder, captions file
+  or TFDS build fails before any encoding."""
   name = check_choice("caption data source (config.data.name)", data_cfg.name, SOURCES)
   if name == "shapes":
     from diffusion_jax.data import shapes as S
@@ -463,13 +460,21 @@ def pairs_from_config(data_cfg, split: str, *, seed: int, num: Optional[int], im
     return shapes_pairs(int(num), seed, split, cfg, counterfactuals=counterfactuals)
   if not data_cfg.get("data_dir"):
     raise ValueError(f"config.data.name={name!r} needs config.data.data_dir (the folder holding the data).")
-  split_name = data_cfg.get(f"{split}_split", split)
+  split_name = data_cfg.get(f"{split}_split", split) or split
   if name == "image_folder":
-    return image_folder_pairs(data_cfg.data_dir, image_size, data_cfg.get("captions_file", ""), split_name, num)
+    from diffusion_jax.data.folder import source_from_config
+    src = source_from_config(data_cfg, split_name, image_size=image_size)
+    if src.captions is None:
+      raise FileNotFoundError(f"Image folder {src.root!r} has no captions. An image folder needs captions.jsonl "
+                              '(lines {"file": "img.png", "caption": "..."}), captions.tsv (file<TAB>caption) or '
+                              ".txt files next to the images; or set config.data.captions_file.")
+    return source_pairs(src, image_size, num)
   if not data_cfg.get("tfds_name"):
     raise ValueError("config.data.name='tfds' needs config.data.tfds_name (e.g. 'coco_captions').")
-  return tfds_pairs(data_cfg.tfds_name, data_cfg.data_dir, split_name, image_size,
-                    data_cfg.get("image_key", "image"), data_cfg.get("caption_key", "caption"), num)
+  from diffusion_jax.data.tfds_source import TfdsSource
+  src = TfdsSource(data_cfg.tfds_name, split_name, data_cfg.data_dir, image_key=data_cfg.get("image_key", "image"),
+                   label_key=None, caption_key=data_cfg.get("caption_key", "caption") or "caption")
+  return source_pairs(src, image_size, num)
 
 
 def ensure_cache(embedder: ClipEmbedder, data_cfg, split: str, cache_dir: str, *, seed: int,
