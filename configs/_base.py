@@ -16,8 +16,12 @@ Keys (see docs/readme/10_training.md for what each one does):
   data.{name, batch_size (global), num_workers, prefetch, data_dir, ...},
   model.{name, ...}, optim.{name, lr, b1, b2, eps, weight_decay, momentum, schedule, warmup_steps,
   decay_steps, restart_period, min_lr_ratio, grad_clip, grad_accum},
+  optim.groups (name -> {match: regex over "/"-joined param paths, lr: peak lr, 0 = frozen}),
+  optim.train_unmatched (params matching no group: trained with optim.lr if True, else frozen),
   train.{num_steps, log_every, ckpt_every, keep_ckpts, async_ckpt, sample_every, num_samples,
-  sample_with_ema, eval_every, ema_decays, progress_bar},
+  sample_with ("params" or an EMA name), eval_every, ema (name -> decay), progress_bar},
+  stages (name -> {config: the stage's run config, path: an existing run / pretrained dir, kind, optional};
+  see diffusion_jax/stages.py),
   mesh.{data, fsdp, tensor, num_devices, fsdp_min_size}, sample.{...}, eval.{...}.
 """
 
@@ -60,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.min_lr_ratio = 0.0      # final lr = lr * min_lr_ratio for the cosine schedules
   c.optim.grad_clip = 1.0         # global-norm clipping; 0 = off
   c.optim.grad_accum = 1          # micro-batches per step (the global batch is split)
+  c.optim.groups = ml_collections.ConfigDict()  # {} = one group: every param at optim.lr
+  c.optim.train_unmatched = True  # with groups: params that match no group train at optim.lr (else frozen)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
@@ -69,9 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.async_ckpt = True
   c.train.sample_every = 0        # 0 = off
   c.train.num_samples = 16
-  c.train.sample_with_ema = True  # sample/evaluate with the first EMA copy
   c.train.eval_every = 0          # 0 = at the end only
-  c.train.ema_decays = (0.9999,)
+  c.train.ema = ml_collections.ConfigDict({"ema": 0.9999})  # named EMA copies of params: name -> decay
+  c.train.sample_with = "ema"     # params that sample / evaluate / export use: "params" or an EMA name
   c.train.progress_bar = True
 
   c.mesh = ml_collections.ConfigDict()
@@ -83,4 +89,19 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict()
   c.eval = ml_collections.ConfigDict()
+  c.stages = ml_collections.ConfigDict()  # runs this one needs (diffusion_jax/stages.py)
   return c
+
+
+def stage(config=None, path: str = "", kind: str = "", optional: bool = False) -> ml_collections.ConfigDict:
+  """One `config.stages` entry: train `config` in WORKDIR/<name>, or use `path` (a finished run of the stage,
+  or a pretrained directory of the right `kind`)."""
+  return ml_collections.ConfigDict({"config": config if config is not None else ml_collections.ConfigDict(),
+                                    "path": path, "kind": kind, "optional": optional})
+
+
+def set_ema(config: ml_collections.ConfigDict, **decays) -> None:
+  """Replaces config.train.ema with the given name -> decay (none: no EMA) and samples with the first one,
+  or with the raw params when there is none."""
+  config.train.ema = ml_collections.ConfigDict({k: float(v) for k, v in decays.items()})
+  config.train.sample_with = next(iter(decays), "params")

@@ -2,10 +2,10 @@
 
     python -m diffusion_jax.main --config configs/clip_shapes.py --workdir runs/eclipse/clip
 
-`configs/eclipse_prior.py` runs this first (in WORKDIR/clip) when no pretrained CLIP is configured, and reuses
-it when `WORKDIR/clip/hf_clip` exists. The model is a transformers-layout CLIPModel: a ViT on 32x32 images
+`configs/eclipse_prior.py` declares it as stage `clip` (trained in WORKDIR/clip, reused when finished) unless
+a local CLIP is given as `--config.stages.clip.path`. The model is a transformers-layout CLIPModel: a ViT on 32x32 images
 (patch 8) and a causal text transformer over the real CLIP BPE tokens with a 24-token context (the longest
-shapes caption is 18 tokens with start/end). It is exported to WORKDIR/clip/hf_clip at the end of training.
+shapes caption is 18 tokens with start/end). It is exported (transformers layout) to WORKDIR/export at the end of training.
 
 Variants: "" (default, a few minutes on a 2-core CPU), "tiny" (seconds, for tests).
 """
@@ -53,10 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.num_steps = 10 if tiny else 800
   c.train.log_every = 5 if tiny else 100
   c.train.ckpt_every = 10 if tiny else 400
-  c.train.eval_every = 0          # export (hf_clip) happens at evaluation: only at the end
+  c.train.eval_every = 0          # retrieval evaluation at the end only
   c.train.sample_every = 0
-  c.train.ema_decays = ()
-  c.train.sample_with_ema = False
+  _base.set_ema(c)  # no EMA: sample / export the raw params
 
   c.eval.num_examples = 64 if tiny else 500
   return c

@@ -58,7 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.update(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, schedule="constant",
                  warmup_steps=19531, grad_clip=0.0)
   c.train.update(num_steps=200_000, log_every=100, ckpt_every=5000, sample_every=5000, num_samples=64,
-                 eval_every=0, ema_decays=(0.9993,))
+                 eval_every=0)
+  _base.set_ema(c, ema=0.9993)
   c.sample = ml_collections.ConfigDict(dict(sampler="edm_heun", num_steps=18, guidance_scale=1.0,
                                             guidance_schedule="constant"))
   c.eval = ml_collections.ConfigDict(dict(num_samples=50_000, batch_size=500, fid_feature="none"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import diffit_cifar10
+from configs import _base, diffit_cifar10
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           prefetch=2, captions="none"))
   c.model.update(channels=(128, 256, 256, 256), num_blocks=(1, 2, 2, 2), window_size=8)
   c.optim.update(lr=2e-4, warmup_steps=39062)
-  c.train.ema_decays = (0.99965,)
+  _base.set_ema(c, ema=0.99965)
   c.sample.num_steps = 40
   if arg == "tiny":
     diffit_cifar10.tiny_image_space(c, stages=2)

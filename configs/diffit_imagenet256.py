@@ -43,8 +43,8 @@ def latent_base(image_size: int, lr: float, batch: int) -> ml_collections.Config
   c.cond = ml_collections.ConfigDict(dict(label_dropout=0.1))
   c.latent = ml_collections.ConfigDict(dict(vae="sd", vae_path="", scale_factor=0.18215, cache=True, cache_dir=""))
   c.optim.update(name="adamw", lr=lr, weight_decay=0.0, schedule="constant", warmup_steps=0, grad_clip=0.0)
-  c.train.update(num_steps=400_000, log_every=100, ckpt_every=10_000, sample_every=10_000, num_samples=32,
-                 ema_decays=(0.9999,))
+  c.train.update(num_steps=400_000, log_every=100, ckpt_every=10_000, sample_every=10_000, num_samples=32)
+  _base.set_ema(c, ema=0.9999)
   c.dtype = "bfloat16"
   c.sample = ml_collections.ConfigDict(dict(sampler="ddpm", num_steps=250, timestep_spacing="linspace",
                                             guidance_scale=4.4, guidance_schedule="power_cosine",

@@ -98,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 0
   c.train.sample_every = 0
   c.train.num_samples = 35 if not tiny else 4
-  c.train.ema_decays = (0.995,) if not tiny else (0.9,)
+  _base.set_ema(c, ema=0.995 if not tiny else 0.9)
   c.train.progress_bar = False
 
   c.sample = ml_collections.ConfigDict(dict(sampler="edm_heun", num_steps=4 if tiny else 18, guidance_scale=1.0,

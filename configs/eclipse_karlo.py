@@ -1,7 +1,7 @@
 """ECLIPSE prior for Karlo (kakaobrain/karlo-v1-alpha): paper scale (ECLIPSE App. A Table 3, §4.1).
 
     python -m diffusion_jax.main --config configs/eclipse_karlo.py --workdir /ckpt/eclipse_karlo \
-        --config.clip.pretrained_dir=/models/clip-vit-large-patch14 \
+        --config.stages.clip.path=/models/clip-vit-large-patch14 \
         --config.data.data_dir=/data/tfds --config.data.tfds_name=coco_captions
 
 Prior: PriorTransformer layout without time embedding, 10 layers, 16 heads x 32 (width 512), 77 text tokens,
@@ -10,18 +10,18 @@ L_proj + 0.2 * L_CLS (tau = 0.07, our choice: the paper does not give it), lr 5e
 256), CosineAnnealingWarmRestarts (cycles of 15k steps: the paper does not give T_0) for 60k iterations; AdamW
 (the paper does not name the optimiser). Data: MSCOCO / CC3M / CC12M captions through TFDS (array_record) or
 an image folder; CLIP embeddings are extracted once into WORKDIR/cache (unnormalised, as Karlo's decoder
-expects them). The trained prior is exported to WORKDIR/prior_export in the diffusers PriorTransformer layout
+expects them). The trained prior is exported to WORKDIR/export in the diffusers PriorTransformer layout
 (ECLIPSE variant) for the ECLIPSE Karlo pipeline.
 
 Variants: "" (paper), "tiny" (a few steps on the shapes world with a small prior; set
---config.clip.pretrained_dir to any local transformers CLIP; used by the tests).
+--config.stages.clip.path to any local transformers CLIP; used by the tests).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from configs import eclipse_prior
+from configs import _base, eclipse_prior
 
 
 def paper_config(embedding_dim: int, clip_name: str, arg: str | None) -> ml_collections.ConfigDict:
@@ -30,11 +30,10 @@ def paper_config(embedding_dim: int, clip_name: str, arg: str | None) -> ml_coll
     raise ValueError(f"Unknown variant {arg!r}. Valid variants: '' (paper scale), 'tiny'.")
   tiny = arg == "tiny"
   c = eclipse_prior.get_config("tiny")
-  c.clip.pretrained_dir = ""         # required: a local transformers CLIP directory
-  c.clip.require_pretrained = True
+  # Stage "clip" has no run to train: it must be given as a local transformers CLIP directory.
+  c.stages.clip = _base.stage(path="", kind="hf_clip")
   c.clip.name = clip_name
   c.clip.max_length = 0              # the CLIP's own 77-token context
-  del c.clip["train"]
 
   c.model.num_layers = 10
   c.model.num_attention_heads = 16

@@ -2,14 +2,18 @@
 
     python -m diffusion_jax.main --config configs/eclipse_prior.py --workdir runs/eclipse
 
-Stages (each reused when its output already exists in the work dir, so re-running resumes):
-  1. `WORKDIR/clip`: a small CLIP trained on the shapes world (`configs/clip_shapes.py`), unless
-     `config.clip.pretrained_dir` names a local Hugging Face CLIP directory;
+Stages and steps (a finished stage is reused, a killed one resumes; `diffusion_jax/stages.py`):
+  1. stage `clip` in `WORKDIR/clip`: a small CLIP trained on the shapes world (`configs/clip_shapes.py`);
+     or a local Hugging Face CLIP directory given as `--config.stages.clip.path=/path/to/clip`;
   2. `WORKDIR/cache`: CLIP embeddings of the (caption, image) pairs, computed once (text hidden states,
      pooled text embedding, image embedding; for the test split also the colour- and position-swapped
      counterfactual images);
   3. the prior, trained by the generic trainer; then `evaluate` writes `results.md` and `eval_results.json`
-     (text->image R@1/R@5, cosine(pred, true), binding accuracy for colour / position swaps).
+     (text->image R@1/R@5, cosine(pred, true), binding accuracy for colour / position swaps) and the prior
+     is exported in diffusers' PriorTransformer layout to `WORKDIR/export`.
+  Optional stage `decoder` (`configs/unclip_decoder_shapes.py`, or `--config.stages.decoder.path` to a
+  finished decoder run): adds end-to-end unCLIP images scored by the shapes parser
+  (`scripts/eclipse_table.py` sets it).
 
 Variants (`configs/eclipse_prior.py:<arg>`): "" (default, ~10 min on a 2-core CPU), "tiny" (seconds, tests),
 and objectives via `--config.prior.objective=eclipse|projection|diffusion`:
@@ -56,11 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.normalize = True           # L2-normalise the cached image / pooled text embeddings
   c.data.seed = 0                   # data stream (fixed across prior seeds so runs share one cache)
 
-  # The CLIP that defines the embedding spaces.
+  # The CLIP that defines the embedding spaces: stage "clip" (trained here, or a local HF CLIP dir as its path).
+  c.stages.clip = _base.stage(clip_shapes.get_config("tiny" if tiny else None), kind="hf_clip")
+  # Optional unCLIP decoder for end-to-end scores: unset here; scripts/eclipse_table.py sets its config.
+  c.stages.decoder = _base.stage(kind="unclip_decoder", optional=True)
   c.clip = ml_collections.ConfigDict()
-  c.clip.pretrained_dir = ""        # local HF CLIP dir (CLIPModel, or text + vision-with-projection)
-  c.clip.train = clip_shapes.get_config("tiny" if tiny else None)  # trained when no pretrained_dir
-  c.clip.workdir = ""               # default: <workdir>/clip
   c.clip.max_length = 0             # 0: the CLIP's own context length
 
   # Prior network: PriorTransformer layout (ECLIPSE App. A). num_embeddings / embedding_dim come from the
@@ -95,12 +99,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 10 if tiny else 200
   c.train.sample_every = 0
   c.train.eval_every = 0
-  c.train.ema_decays = ()
-  c.train.sample_with_ema = False
+  _base.set_ema(c)  # no EMA
 
   c.eval.num_examples = 32 if tiny else 1000
   c.eval.ks = (1, 5)
-  c.eval.decoder_workdir = ""        # a trained unclip_decoder work dir: adds end-to-end parser scores
   c.eval.num_decoded = 16 if tiny else 200
   c.eval.decoder_steps = 25
   c.eval.decoder_guidance = 3.0

@@ -1,10 +1,10 @@
 """The unCLIP decoder of the shapes-world ECLIPSE evaluation: renders 32x32 images from CLIP image embeddings.
 
     python -m diffusion_jax.main --config configs/unclip_decoder_shapes.py --workdir runs/unclip_decoder \
-        --config.clip.workdir=runs/eclipse/clip --config.data.embedding_cache=runs/eclipse/cache
+        --config.stages.clip.path=runs/eclipse/clip --config.data.embedding_cache=runs/eclipse/cache
 
-Use the CLIP and embedding cache of an `eclipse_prior` run (the two keys above); without them it trains its
-own shapes CLIP in WORKDIR/clip first. Epsilon-prediction DDPM (linear 1000-step schedule), embedding dropped
+Use the CLIP stage and embedding cache of an `eclipse_prior` run (the two keys above); without them it trains
+its own shapes CLIP (stage `clip`, WORKDIR/clip) first. Epsilon-prediction DDPM (linear 1000-step schedule), embedding dropped
 10% of the time; sampled with 25 DDIM steps and classifier-free guidance 3. `scripts/eclipse_table.py` drives
 it with each prior's predicted embeddings. Default: a three-level UNet (16/32/64 channels, 732k parameters),
 batch 32, 1200 steps; measured 8 min 47 s of training on a shared 2-core CPU. It is too weak to render clean
@@ -37,11 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.encode_batch_size = 64 if tiny else 250
   c.data.normalize = True
 
+  c.stages.clip = _base.stage(clip_shapes.get_config("tiny" if tiny else None), kind="hf_clip")
   c.clip = ml_collections.ConfigDict()
-  c.clip.pretrained_dir = ""
-  c.clip.workdir = ""               # default <workdir>/clip; share the eclipse_prior run's CLIP
   c.clip.max_length = 0
-  c.clip.train = clip_shapes.get_config("tiny" if tiny else None)
 
   c.model.name = "unclip_decoder"
   # Three levels (32x32 / 16x16 / 8x8): 16 channels at full resolution keeps a step at ~16 GFLOP (batch 32),
@@ -67,8 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 6 if tiny else 400
   c.train.sample_every = 0
   c.train.eval_every = 0
-  c.train.ema_decays = (0.99,) if tiny else (0.995,)
-  c.train.sample_with_ema = True
+  _base.set_ema(c, ema=0.99 if tiny else 0.995)
 
   c.eval.num_examples = 8 if tiny else 200
   return c

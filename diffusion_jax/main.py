@@ -1,11 +1,14 @@
 """Command line: train, sample or evaluate any experiment from a config file.
 
   python -m diffusion_jax.main --config configs/<task>.py[:arg] --workdir DIR [--mode train|sample|eval]
-      [--config.some.key=value ...] [--multihost]
+      [--config.some.key=value ...] [--restage=NAME ...] [--multihost]
 
 `--config` is an ml_collections config file whose `get_config(arg)` returns the ConfigDict (`:arg` picks a
 variant such as `tiny`); `--config.key=value` overrides a key (an unknown key is an error). A run resumes
-from the latest checkpoint in DIR. On several hosts (TPU pod, SLURM) pass `--multihost` (or let the
+from the latest checkpoint in DIR. Stages (`config.stages`: the runs this one needs, such as a CLIP or a
+pretrained base model) run first into DIR/<name> and are reused when finished with the same config
+(`diffusion_jax/stages.py`); `--restage=NAME` trains a changed stage again. `--mode sample|eval` never
+train. On several hosts (TPU pod, SLURM) pass `--multihost` (or let the
 environment say so) so that `jax.distributed.initialize()` runs first.
 """
 
@@ -29,6 +32,8 @@ config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard, samples.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
+flags.DEFINE_multi_string("restage", [], "Train this stage again although a finished run of it exists "
+                          "(its config changed); repeatable.")
 flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() (auto-detected under SLURM with "
                   "several tasks, on multi-host TPU VMs, or when JAX_COORDINATOR_ADDRESS is set).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -115,15 +120,16 @@ def main(argv):
   logging.info("JAX %s: process %d/%d, %d devices (%d local), platform %s.", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count(),
                jax.devices()[0].platform)
-  from diffusion_jax.train import trainer
-  config = FLAGS.config
-  workdir = FLAGS.workdir
-  if FLAGS.mode == "train":
-    result = trainer.train(config, workdir)
-  elif FLAGS.mode == "sample":
-    result = trainer.sample(config, workdir)
-  else:
-    result = trainer.evaluate(config, workdir)
+  from diffusion_jax import stages
+  try:
+    result = stages.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, restage=FLAGS.restage)
+  except (ValueError, FileNotFoundError) as e:
+    # A user mistake (config, paths, stage state): one clear message, no traceback (DIFFUSION_JAX_TRACEBACK=1
+    # shows it).
+    if os.environ.get("DIFFUSION_JAX_TRACEBACK"):
+      raise
+    print(f"FATAL: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(2)
   logging.info("Done (%s): %s", FLAGS.mode, json.dumps(result, default=str))
 
 

@@ -4,7 +4,8 @@
         [--objectives eclipse,projection,diffusion] [--no-decoder] [--set prior.tau=0.1 ...]
 
 One shapes CLIP and one embedding cache (DIR/clip, DIR/cache) and one unCLIP decoder (DIR/decoder,
-`configs/unclip_decoder_shapes.py`) are shared by every prior; each (objective, seed) prior trains in
+`configs/unclip_decoder_shapes.py`) are shared by every prior (as the paths of its `clip` and `decoder`
+stages); each (objective, seed) prior trains in
 DIR/<objective>_seed<k> with `configs/eclipse_prior.py` (same architecture, data and steps; only the objective
 and the seed change). Finished runs are reused. Writes DIR/table.md and DIR/table.json (mean +- std over seeds,
 and per-seed differences ECLIPSE - Projection) and prints the table.
@@ -77,17 +78,19 @@ def main(argv=None):
   flags.FLAGS.mark_as_parsed()
   logging.set_verbosity(logging.WARNING)
   from configs import eclipse_prior, unclip_decoder_shapes
-  from diffusion_jax.train.trainer import train
+  from diffusion_jax import stages
 
   wd = os.path.abspath(args.workdir)
   os.makedirs(wd, exist_ok=True)
   seeds = [int(s) for s in args.seeds.split(",") if s]
   objectives = [o for o in args.objectives.split(",") if o]
   shared = {"clip": args.clip_workdir or os.path.join(wd, "clip"), "cache": args.cache or os.path.join(wd, "cache")}
+  if not args.clip_workdir:  # the shared CLIP: stage "clip" of the prior config, trained once in DIR/clip
+    stages.resolve(eclipse_prior.get_config(args.variant or None), wd)
 
   def prior_config(obj: str, seed: int):
     cfg = eclipse_prior.get_config(args.variant or None)
-    cfg.clip.workdir, cfg.data.embedding_cache = shared["clip"], shared["cache"]
+    cfg.stages.clip.path, cfg.data.embedding_cache = shared["clip"], shared["cache"]
     cfg.prior.objective = obj
     cfg.seed = seed
     _set(cfg, args.set)
@@ -142,7 +145,7 @@ def main(argv=None):
       res = _finished(run_wd, int(cfg.train.num_steps))
       if res is None:
         print(f"[table] training the {obj} prior, seed {seed}, in {run_wd}", flush=True)
-        train(cfg, run_wd)
+        stages.run(cfg, run_wd)
         res = _finished(run_wd, int(cfg.train.num_steps))
       results.setdefault(obj, {})[seed] = res
 
@@ -152,28 +155,27 @@ def main(argv=None):
   dec_wd = os.path.join(wd, "decoder")
   dec_res = None
   if not args.no_decoder:
-    from diffusion_jax.train.trainer import evaluate
     dcfg = unclip_decoder_shapes.get_config(args.variant or None)
-    dcfg.clip.workdir, dcfg.data.embedding_cache = shared["clip"], shared["cache"]
+    dcfg.stages.clip.path, dcfg.data.embedding_cache = shared["clip"], shared["cache"]
     _set(dcfg, args.decoder_set)
     dec_res = _finished(dec_wd, int(dcfg.train.num_steps))
     if dec_res is None:
       print(f"[table] training the unCLIP decoder in {dec_wd}", flush=True)
-      train(dcfg, dec_wd)
+      stages.run(dcfg, dec_wd)
       dec_res = _finished(dec_wd, int(dcfg.train.num_steps))
     for obj in objectives:
       for seed in seeds:
         if "e2e_binding" in results[obj][seed]:
           continue
         cfg = prior_config(obj, seed)
-        cfg.eval.decoder_workdir = dec_wd
+        cfg.stages.decoder.path = dec_wd
         # Decode exactly as the decoder's own reference row does (same held-out captions, sampler, guidance).
         cfg.eval.num_decoded = int(dcfg.eval.num_examples)
         cfg.eval.decoder_steps = int(dcfg.sample.steps)
         cfg.eval.decoder_guidance = float(dcfg.sample.guidance)
         run_wd = os.path.join(wd, f"{obj}_seed{seed}")
         print(f"[table] end-to-end evaluation of {run_wd}", flush=True)
-        evaluate(cfg, run_wd)
+        stages.run(cfg, run_wd, mode="eval")
         results[obj][seed] = _finished(run_wd, int(cfg.train.num_steps))
 
   write_table(results, dec_res, None if args.no_decoder else dcfg)

@@ -6,9 +6,10 @@ of `exp(logit_scale) * cos(image_i, text_j)` over the batch in both directions, 
 `logit_scale` is learned from log(1/0.07) and clipped at log(100) as in CLIP. The text side uses the real
 CLIP BPE tokenizer with a short context (`config.model.text.max_position_embeddings`).
 
-At evaluation (the end of training) the model is exported in the transformers `CLIPModel` layout to
-`<workdir>/hf_clip` (`config.json` + `model.safetensors`), which `data/clip_cache.ClipEmbedder` loads like any
-public CLIP; `evaluate` also reports image<->text retrieval on held-out pairs.
+At the end of training the model is exported (`export`, into `<workdir>/export`) in the transformers
+`CLIPModel` layout (`config.json` + `model.safetensors` + the tokenizer files), which
+`data/clip_cache.ClipEmbedder` loads like any public CLIP: export kind "hf_clip", what ECLIPSE's `clip`
+stage hands on. `evaluate` reports image<->text retrieval on held-out pairs.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import numpy as np
 
 from diffusion_jax.data import clip_cache
 from diffusion_jax.eval import retrieval
-from diffusion_jax.experiments.base import EXPERIMENTS, Experiment, ExperimentState
+from diffusion_jax.experiments.base import EXPERIMENTS, EXPORT_KINDS, Experiment, require_files
 from diffusion_jax.models import clip as clip_lib
 
-EXPORT_SUBDIR = "hf_clip"
 LOGIT_SCALE_MAX = float(np.log(100.0))
 
 
@@ -71,18 +71,26 @@ class TokenizeAndNormalize:
     return {"input_ids": ids[0], "attention_mask": mask[0], "pixels": pixels}
 
 
+@EXPORT_KINDS.register("hf_clip")
+def check_hf_clip(path: str) -> None:
+  """A transformers-layout CLIP directory (public checkpoint or a clip_pretrain export)."""
+  require_files(path, ["config.json", "model.safetensors"], "a transformers CLIP (config.json + model.safetensors)")
+
+
 @EXPERIMENTS.register("clip_pretrain")
 class ClipPretrain(Experiment):
   """Small CLIP on the shapes world (symmetric InfoNCE)."""
+  export_kind = "hf_clip"
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
+  def __init__(self, config: ml_collections.ConfigDict, stages=None):
+    super().__init__(config, stages)
     self.clip_config = clip_config_from(config.model)
     self.model = clip_lib.CLIPModel(self.clip_config, dtype=jnp.dtype(config.get("dtype", "float32")))
     self.max_length = int(self.clip_config.text.max_position_embeddings)
     if self.clip_config.vision.image_size != int(config.data.image_size):
       raise ValueError(f"config.model.vision.image_size={self.clip_config.vision.image_size} must equal "
                        f"config.data.image_size={config.data.image_size}.")
+    self._embed_jit = jax.jit(self._embed)  # one compilation per input shape, shared by every evaluation
 
   def _source(self, split: str, num: int, seed: int):
     from diffusion_jax.data import shapes as S
@@ -101,9 +109,8 @@ class ClipPretrain(Experiment):
                          num_workers=int(d.get("num_workers", 0)), prefetch=int(d.get("prefetch", 2)),
                          shard_index=shard_index, shard_count=shard_count)
 
-  def init(self, rng, batch) -> ExperimentState:
-    params = self.model.init(rng, batch["input_ids"][:2], batch["pixels"][:2], batch["attention_mask"][:2])
-    return ExperimentState(params=params["params"], frozen={})
+  def init(self, rng, batch, frozen):
+    return self.model.init(rng, batch["input_ids"][:2], batch["pixels"][:2], batch["attention_mask"][:2])["params"]
 
   def _embed(self, params, ids, mask, pixels):
     t = self.model.apply({"params": params}, ids, mask, method=clip_lib.CLIPModel.get_text_features)
@@ -116,23 +123,25 @@ class ClipPretrain(Experiment):
     loss = clip_symmetric_loss(img, txt, scale)
     return loss, {"logit_scale": scale}
 
+  def export(self, params, frozen, directory: str) -> None:
+    save_hf_clip(directory, params, self.clip_config)
+
   def evaluate(self, params, frozen, rng, workdir: str) -> Dict[str, float]:
-    params = jax.device_get(params)
-    export_dir = os.path.join(workdir, EXPORT_SUBDIR)
-    save_hf_clip(export_dir, params, self.clip_config)
     num = int(self.config.eval.get("num_examples", 500))
     src = self._source("test", num, int(self.config.seed))
     tok = clip_cache.load_tokenizer()
-    embed = jax.jit(self._embed)
     img_e, txt_e = [], []
-    bs = 250
+    bs = min(250, num)
     for s in range(0, num, bs):
-      exs = [src[i] for i in range(s, min(num, s + bs))]
+      idx = list(range(s, min(num, s + bs)))
+      idx += [idx[-1]] * (bs - len(idx))  # pad the last batch: one compiled shape
+      exs = [src[i] for i in idx]
       ids, mask = clip_cache.tokenize(tok, [e["caption"] for e in exs], self.max_length)
       pix = clip_cache.preprocess_images(np.stack([e["image"] for e in exs]), int(self.config.data.image_size))
-      i, t = embed(params, ids, mask, pix)
-      img_e.append(np.asarray(i))
-      txt_e.append(np.asarray(t))
+      i, t = self._embed_jit(params, ids, mask, pix)
+      k = min(num, s + bs) - s
+      img_e.append(np.asarray(i)[:k])
+      txt_e.append(np.asarray(t)[:k])
     img_e, txt_e = np.concatenate(img_e), np.concatenate(txt_e)
     t2i = retrieval.recall_at_k(txt_e, img_e, (1, 5))
     i2t = retrieval.recall_at_k(img_e, txt_e, (1, 5))
@@ -141,21 +150,9 @@ class ClipPretrain(Experiment):
 
 
 def save_hf_clip(directory: str, params, config: clip_lib.CLIPConfig) -> None:
-  """Exports our CLIPModel params in the transformers CLIPModel layout (+ the tokenizer files if available)."""
-  from diffusion_jax.pretrained import clip as clip_io
-  tmp = directory.rstrip("/") + ".tmp"
-  clip_io.save_clip(tmp, jax.tree.map(np.asarray, params), config, kind="clip")
+  """Writes our CLIPModel params in the transformers CLIPModel layout (+ the tokenizer files) into
+  `directory` (the trainer's export directory, renamed into place when complete)."""
   from diffusion_jax.data import tokenizer as tok_lib
-  tok_lib.write_tokenizer_files(tmp)
-  import shutil
-  shutil.rmtree(directory, ignore_errors=True)
-  os.replace(tmp, directory)
-
-
-def export_dir(workdir: str) -> str:
-  return os.path.join(workdir, EXPORT_SUBDIR)
-
-
-def is_trained(workdir: str) -> bool:
-  d = export_dir(workdir)
-  return os.path.exists(os.path.join(d, "model.safetensors")) and os.path.exists(os.path.join(d, "config.json"))
+  from diffusion_jax.pretrained import clip as clip_io
+  clip_io.save_clip(directory, jax.tree.map(np.asarray, jax.device_get(params)), config, kind="clip")
+  tok_lib.write_tokenizer_files(directory)

@@ -17,13 +17,14 @@ Network: the PriorTransformer layout (`models/prior.py`): [per-token text states
 (time embedding), noise / noised embedding, learned prd token], causal mask, prd token -> z_x. Without a
 time embedding for eclipse/projection (ECLIPSE App. A, additional_embeddings 3).
 
-Stages behind `python -m diffusion_jax.main --config configs/eclipse_prior.py --workdir DIR` (each reused when
-done): a small CLIP trained on the shapes world in DIR/clip (`config.clip.train`, unless
-`config.clip.pretrained_dir` names a local transformers CLIP); the CLIP embedding cache in DIR/cache
-(`data/clip_cache.py`); the prior (the generic trainer); `evaluate` on the held-out split: text->image
-retrieval R@1/R@5 against the true image embeddings, cosine(pred, true), binding accuracy (colour swap,
-position swap) and, with `config.eval.decoder_workdir`, end-to-end unCLIP images scored by the shapes parser.
-Results go to DIR/results.md, DIR/eval_results.json and the console.
+Behind `python -m diffusion_jax.main --config configs/eclipse_prior.py --workdir DIR`: stage "clip" (a small
+CLIP trained on the shapes world in DIR/clip by `clip_pretrain`, or a local transformers CLIP given as
+`--config.stages.clip.path`), reused when finished; the CLIP embedding cache in DIR/cache, built on first use
+(`experiments/clip_stage.py`); the prior (the generic trainer); `evaluate` on the held-out split:
+text->image retrieval R@1/R@5 against the true image embeddings, cosine(pred, true), binding accuracy
+(colour swap, position swap) and, with the optional stage "decoder" (an `unclip_decoder` run), end-to-end
+unCLIP images scored by the shapes parser. Results go to DIR/results.md, DIR/eval_results.json and the
+console; `export` writes the prior in diffusers' PriorTransformer layout (export kind "diffusers_prior").
 """
 
 from __future__ import annotations
@@ -36,16 +37,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from diffusion_jax.data import clip_cache
 from diffusion_jax.eval import retrieval
-from diffusion_jax.experiments.base import EXPERIMENTS, Experiment, ExperimentState
+from diffusion_jax.images import save_grid
+from diffusion_jax.experiments import clip_stage
+from diffusion_jax.experiments.base import EXPERIMENTS, EXPORT_KINDS, Experiment, require_files
 from diffusion_jax.models import prior as prior_lib
 from diffusion_jax.registry import check_choice
 
 OBJECTIVES = ("eclipse", "projection", "diffusion")
-PRIOR_EXPORT = "prior_export"  # diffusers PriorTransformer layout (ECLIPSE variant without time embedding)
 LOGIT_SCALE_MAX = float(np.log(100.0))
 
 
@@ -93,76 +94,9 @@ def eclipse_loss(pred, image_emb, text_emb, *, lam: float, tau, reduction: str =
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def resolve_workdir(experiment: Experiment) -> Optional[str]:
-  """Where the experiment's stages live: `experiment.workdir` if the trainer set it, else the `--workdir`
-  flag of `diffusion_jax.main` when it is running, else None."""
-  wd = getattr(experiment, "workdir", None)
-  if wd:
-    return wd
-  try:
-    from absl import flags
-    if flags.FLAGS.is_parsed() and "workdir" in flags.FLAGS and flags.FLAGS.workdir:
-      return flags.FLAGS.workdir
-  except Exception:  # pragma: no cover - flags not defined
-    pass
-  return None
-
-
-def ensure_clip(config: ml_collections.ConfigDict, root: Optional[str]) -> str:
-  """The transformers-layout CLIP directory to use: `config.clip.pretrained_dir`, or the shapes CLIP in
-  `config.clip.workdir` (default `<root>/clip`), trained there first with `config.clip.train` unless its
-  export already exists."""
-  pre = config.clip.get("pretrained_dir", "")
-  if pre:
-    if not os.path.isdir(pre):
-      raise FileNotFoundError(f"config.clip.pretrained_dir={pre!r} is not a directory. Point it at a local "
-                              "transformers CLIP (config.json + model.safetensors), or leave it empty to train "
-                              "a small CLIP on the shapes world.")
-    return pre
-  if config.clip.get("require_pretrained", False):
-    raise ValueError(f"This config needs a pretrained CLIP ({config.clip.get('name', 'see the config docstring')}): "
-                     "download it once and pass --config.clip.pretrained_dir=/path/to/the/transformers/dir.")
-  from diffusion_jax.experiments import clip_pretrain
-  clip_wd = config.clip.get("workdir", "") or (os.path.join(root, "clip") if root else "")
-  if not clip_wd:
-    raise ValueError("No place for the shapes CLIP: set config.clip.workdir (or run through diffusion_jax.main "
-                     "with --workdir), or set config.clip.pretrained_dir.")
-  if not clip_pretrain.is_trained(clip_wd):
-    if "train" not in config.clip or not config.clip.train:
-      raise ValueError(f"No trained CLIP in {clip_wd} and no config.clip.train to train one.")
-    from diffusion_jax.train.trainer import train
-    logging.info("Stage 1/3: training the shapes CLIP in %s", clip_wd)
-    print(f"[eclipse] stage 1/3: training a small CLIP on the shapes world in {clip_wd}", flush=True)
-    train(config.clip.train, clip_wd)
-    if not clip_pretrain.is_trained(clip_wd):
-      raise RuntimeError(f"CLIP training in {clip_wd} ended without an export (was it preempted?). Rerun.")
-  else:
-    print(f"[eclipse] stage 1/3: reusing the CLIP in {clip_pretrain.export_dir(clip_wd)}", flush=True)
-  return clip_pretrain.export_dir(clip_wd)
-
-
-def ensure_caches(config, clip_dir: str, root: Optional[str], splits=("train", "test")) -> Dict[str, str]:
-  cache_root = config.data.get("embedding_cache", "") or (os.path.join(root, "cache") if root else "")
-  if not cache_root:
-    raise ValueError("No place for the embedding cache: set config.data.embedding_cache (or run through "
-                     "diffusion_jax.main with --workdir).")
-  d = config.data
-  nums = {s: int(d.num_train if s == "train" else d.num_test) or None for s in splits}
-  # One directory per (split, size): runs with different sizes can share a cache root.
-  dirs = {s: os.path.join(cache_root, f"{s}_{nums[s] or 'all'}") for s in splits}
-  embedder = None
-  for split in splits:
-    num = nums[split]
-    probe = {"split": split, "num": num, "clip_dir": os.path.abspath(clip_dir)}
-    if clip_cache.is_complete(dirs[split], probe):
-      continue
-    if embedder is None:
-      print(f"[eclipse] stage 2/3: caching CLIP embeddings in {cache_root}", flush=True)
-      embedder = clip_cache.ClipEmbedder(clip_dir, int(config.clip.get("max_length", 0) or 0))
-    clip_cache.ensure_cache(embedder, d, split, dirs[split], seed=int(d.get("seed", 0)), num=num,
-                            batch_size=int(d.get("encode_batch_size", 256)),
-                            normalize=bool(d.get("normalize", True)))
-  return dirs
+@EXPORT_KINDS.register("diffusers_prior")
+def check_diffusers_prior(path: str) -> None:
+  require_files(path, ["config.json", "diffusion_pytorch_model.safetensors"], "a diffusers PriorTransformer")
 
 
 def prior_config_for(model_cfg, objective: str, text_len: int, embed_dim: int) -> prior_lib.PriorConfig:
@@ -180,9 +114,10 @@ def prior_config_for(model_cfg, objective: str, text_len: int, embed_dim: int) -
 @EXPERIMENTS.register("eclipse_prior")
 class EclipsePrior(Experiment):
   """ECLIPSE / projection / diffusion prior on cached CLIP embeddings (see the module docstring)."""
+  export_kind = "diffusers_prior"
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
+  def __init__(self, config: ml_collections.ConfigDict, stages=None):
+    super().__init__(config, stages)
     p = config.prior
     self.objective = check_choice("prior objective (config.prior.objective)", p.objective, OBJECTIVES)
     self.lam = 0.0 if self.objective == "projection" else float(p.get("lam", 0.2))
@@ -190,61 +125,72 @@ class EclipsePrior(Experiment):
     self.learn_tau = bool(p.get("learn_tau", False))
     self.reduction = check_choice("config.prior.proj_reduction", p.get("proj_reduction", "sum"), ("sum", "mean"))
     self.dtype = jnp.dtype(config.get("dtype", "float32"))
-    self._dirs: Optional[Dict[str, str]] = None
+    self._dirs: Dict[str, str] = {}
     self._denoise_base = functools.partial(_diffusion_denoise, self)  # one cache key for the sampler
-    self.clip_dir: Optional[str] = None
+    self.clip_dir = self.stage("clip")
     self._module = None
+    self._decoder = None
     self._schedule = None
+    self._predict_jit = jax.jit(self._predict_batch)
     if self.objective == "diffusion":
       from diffusion_jax.core.schedules import make_schedule
       self._schedule = make_schedule(p.get("beta_schedule", "linear"), int(p.get("num_timesteps", 1000)))
 
-  # -- stages ------------------------------------------------------------------------------------------
+  # -- data ---------------------------------------------------------------------------------------------
 
-  def prepare(self, workdir: Optional[str] = None) -> Dict[str, str]:
-    """Stage 1 (CLIP) and stage 2 (embedding caches); idempotent."""
-    if self._dirs is None:
-      root = workdir or resolve_workdir(self)
-      self.clip_dir = ensure_clip(self.config, root)
-      self._dirs = ensure_caches(self.config, self.clip_dir, root)
-      meta = clip_cache.load_meta(self._dirs["train"])
-      self.text_len, self.embed_dim = int(meta["text_len"]), int(meta["embed_dim"])
-      self.normalized = bool(meta["normalize"])
-      for key, have in (("embedding_dim", self.embed_dim), ("num_embeddings", self.text_len)):
-        want = int(self.config.model.get(key, 0) or 0)
-        if want and want != have:
-          raise ValueError(f"config.model.{key}={want} but the CLIP in {self.clip_dir} gives {have}; use the CLIP the "
-                           f"config names ({self.config.clip.get('name', '')}) or set config.model.{key}=0.")
-      self.prior_config = prior_config_for(self.config.model, self.objective, self.text_len, self.embed_dim)
-      self._module = prior_lib.PriorTransformer(self.prior_config, dtype=self.dtype,
-                                                remat=self.config.get("remat", "none") != "none")
-      null = clip_cache.load_arrays(self._dirs["train"], ["null_text_hidden", "null_text_mask", "null_text_emb"],
-                                    mmap=False)
-      self._null = {k: np.asarray(v, np.float32) for k, v in null.items()}
-      # DALL-E 2 / DALLE2-pytorch scale unit-norm image embeddings to norm sqrt(d) for the diffusion prior.
-      self.diff_scale = float(np.sqrt(self.embed_dim)) if self.normalized else 1.0
-      print(f"[eclipse] stage 3/3: prior objective={self.objective} lambda={self.lam} tau={self.tau}"
-            f"{' (learned)' if self.learn_tau else ''} text_len={self.text_len} embed_dim={self.embed_dim}",
-            flush=True)
-    return self._dirs
+  def cache(self, split: str) -> str:
+    """The embedding cache of `split`, built on first use (`clip_stage.embedding_caches`)."""
+    if split not in self._dirs:
+      self._dirs.update(clip_stage.embedding_caches(self.config, self.clip_dir, self.workdir, [split]))
+      if self._module is None:
+        self._set_up(self._dirs[split])
+    return self._dirs[split]
+
+  def _set_up(self, cache_dir: str) -> None:
+    meta = clip_cache.load_meta(cache_dir)
+    self.text_len, self.embed_dim = int(meta["text_len"]), int(meta["embed_dim"])
+    self.normalized = bool(meta["normalize"])
+    for key, have in (("embedding_dim", self.embed_dim), ("num_embeddings", self.text_len)):
+      want = int(self.config.model.get(key, 0) or 0)
+      if want and want != have:
+        raise ValueError(f"config.model.{key}={want} but the CLIP in {self.clip_dir} gives {have}; use the CLIP the "
+                         f"config names ({self.config.clip.get('name', '')}) or set config.model.{key}=0.")
+    self.prior_config = prior_config_for(self.config.model, self.objective, self.text_len, self.embed_dim)
+    self._module = prior_lib.PriorTransformer(self.prior_config, dtype=self.dtype,
+                                              remat=self.config.get("remat", "none") != "none")
+    null = clip_cache.load_arrays(cache_dir, ["null_text_hidden", "null_text_mask", "null_text_emb"], mmap=False)
+    self._null = {k: np.asarray(v, np.float32) for k, v in null.items()}
+    # DALL-E 2 / DALLE2-pytorch scale unit-norm image embeddings to norm sqrt(d) for the diffusion prior.
+    self.diff_scale = float(np.sqrt(self.embed_dim)) if self.normalized else 1.0
+    print(f"[eclipse] prior objective={self.objective} lambda={self.lam} tau={self.tau}"
+          f"{' (learned)' if self.learn_tau else ''} text_len={self.text_len} embed_dim={self.embed_dim}",
+          flush=True)
 
   @property
   def module(self):
     if self._module is None:
-      self.prepare()
+      raise RuntimeError("The prior network is defined by the CLIP's embedding sizes: call make_dataset (or "
+                         "cache(split)) first.")
     return self._module
 
   # -- trainer interface -------------------------------------------------------------------------------
 
   def make_dataset(self, split: str, *, seed: int, shard_index: int = 0, shard_count: int = 1):
     from diffusion_jax.data.pipeline import make_pipeline
-    dirs = self.prepare()
+    cache_dir = self.cache(split)
     d = self.config.data
-    return make_pipeline(clip_cache.EmbeddingSource(dirs[split]), (), batch_size=int(d.batch_size) // shard_count,
+    keys = clip_cache.EmbeddingSource.DEFAULT_KEYS
+    if split != "train" and "image" in clip_cache.load_meta(cache_dir)["keys"]:
+      keys = keys + ("image",)  # shown next to the decoded samples
+    return make_pipeline(clip_cache.EmbeddingSource(cache_dir, keys), (), batch_size=int(d.batch_size) // shard_count,
                          seed=seed, shuffle=split == "train", num_workers=int(d.get("num_workers", 0)),
                          prefetch=int(d.get("prefetch", 2)), shard_index=shard_index, shard_count=shard_count)
 
-  def init(self, rng, batch) -> ExperimentState:
+  def load_frozen(self):
+    self.module  # noqa: B018  (raises when no cache was prepared)
+    return dict(self._null) if self.objective == "diffusion" else {}
+
+  def init(self, rng, batch, frozen):
     b = 2
     x = jnp.zeros((b, self.embed_dim), jnp.float32)
     kw = {"timestep": jnp.zeros((b,), jnp.float32)} if self.objective == "diffusion" else {}
@@ -252,10 +198,7 @@ class EclipsePrior(Experiment):
     params = {"prior": variables["params"]}
     if self.learn_tau:
       params["logit_scale"] = jnp.asarray(np.log(1.0 / self.tau), jnp.float32)
-    frozen = {}
-    if self.objective == "diffusion":
-      frozen = {k: jnp.asarray(v) for k, v in self._null.items()}
-    return ExperimentState(params=params, frozen=frozen)
+    return params
 
   def _tau(self, params):
     if self.learn_tau:
@@ -300,9 +243,8 @@ class EclipsePrior(Experiment):
   # -- prediction ---------------------------------------------------------------------------------------
 
   def predict(self, params, rng, text_emb, text_hidden, text_mask, batch_size: int = 250) -> np.ndarray:
-    """Predicted image embeddings for cached text encodings (host arrays), in batches."""
-    if not hasattr(self, "_predict_jit"):
-      self._predict_jit = jax.jit(self._predict_batch)
+    """Predicted image embeddings for cached text encodings (host arrays), in batches of one shape (the last
+    one padded): one compilation."""
     n = text_emb.shape[0]
     outs = []
     for i, s in enumerate(range(0, n, batch_size)):
@@ -323,7 +265,7 @@ class EclipsePrior(Experiment):
       return self.apply(params, noise, z_y, hid, mask)
     from diffusion_jax.core import samplers
     p = self.config.prior
-    null = {k: jnp.broadcast_to(jnp.asarray(v), (b,) + v.shape[1:]) for k, v in self._null.items()}
+    null = {k: jnp.broadcast_to(v, (b,) + v.shape[1:]) for k, v in self._null.items()}
     cond = (z_y, hid, mask.astype(jnp.float32))
     uncond = (null["null_text_emb"], null["null_text_hidden"], null["null_text_mask"])
     fn = jax.tree_util.Partial(self._denoise_base, params)
@@ -338,15 +280,37 @@ class EclipsePrior(Experiment):
 
   # -- evaluation ---------------------------------------------------------------------------------------
 
+  def sample(self, params, frozen, batch, rng):
+    """Predicted image embeddings for the captions of `batch`; decoded images too with a "decoder" stage."""
+    k_p, k_d = jax.random.split(rng)
+    pred = self.predict(params, k_p, batch["text_emb"], batch["text_hidden"], batch["text_mask"],
+                        batch_size=len(batch["text_emb"]))
+    out = {"image_emb": pred}
+    if "decoder" in self.stages:
+      imgs = self.decoder().decode(pred, k_d, steps=int(self.config.eval.get("decoder_steps", 25)),
+                                   guidance=float(self.config.eval.get("decoder_guidance", 3.0)))
+      out["decoded"] = imgs.astype(np.float32) / 255.0
+    return out
+
+  def export(self, params, frozen, directory: str) -> None:
+    if self.config.eval.get("export_prior", True):
+      from diffusion_jax.pretrained import prior as prior_io
+      prior_io.save_prior(directory, jax.device_get(params["prior"]), self.prior_config)
+
+  def decoder(self):
+    if self._decoder is None:
+      from diffusion_jax.experiments import unclip_decoder
+      self._decoder = unclip_decoder.load_decoder(self.stage("decoder"))
+    return self._decoder
+
   def evaluate(self, params, frozen, rng, workdir: str) -> Dict[str, float]:
-    dirs = self.prepare(workdir)
-    meta = clip_cache.load_meta(dirs["test"])
+    test = self.cache("test")
+    meta = clip_cache.load_meta(test)
     keys = ["text_hidden", "text_mask", "text_emb", "image_emb"]
     cf_keys = [k for k in meta["keys"] if k.startswith("cf_")]
-    arrays = clip_cache.load_arrays(dirs["test"], keys + cf_keys + (["objects"] if "objects" in meta["keys"] else []))
+    arrays = clip_cache.load_arrays(test, keys + cf_keys + (["objects"] if "objects" in meta["keys"] else []))
     n = min(int(self.config.eval.get("num_examples", meta["num"])), int(meta["num"]))
     sl = slice(0, n)
-    params = jax.device_get(params)
     pred = self.predict(params, rng, arrays["text_emb"][sl], arrays["text_hidden"][sl], arrays["text_mask"][sl])
     true = np.asarray(arrays["image_emb"][sl], np.float32)
     cfs = {kind: np.asarray(arrays[f"cf_{kind}_emb"][sl]) for kind in clip_cache.COUNTERFACTUALS
@@ -358,12 +322,8 @@ class EclipsePrior(Experiment):
     ref = retrieval.embedding_metrics(np.asarray(arrays["text_emb"][sl], np.float32), true, cfs, valid, ks)
     res.update({f"clip_text_{k}": v for k, v in ref.items()})
     res["num_examples"] = float(n)
-    dec_wd = self.config.eval.get("decoder_workdir", "")
-    if dec_wd:
-      res.update(self._end_to_end(pred, arrays.get("objects"), dec_wd, rng, workdir))
-    if self.config.eval.get("export_prior", True) and jax.process_index() == 0:
-      from diffusion_jax.pretrained import prior as prior_io
-      prior_io.save_prior(os.path.join(workdir, PRIOR_EXPORT), params["prior"], self.prior_config)
+    if "decoder" in self.stages:
+      res.update(self._end_to_end(pred, arrays.get("objects"), rng, workdir))
     write_results(workdir, res, self._description())
     return res
 
@@ -373,21 +333,15 @@ class EclipsePrior(Experiment):
             "layers": int(self.config.model.num_layers),
             "width": int(self.config.model.num_attention_heads) * int(self.config.model.attention_head_dim)}
 
-  def _end_to_end(self, pred, objects, decoder_workdir: str, rng, workdir: str) -> Dict[str, float]:
+  def _end_to_end(self, pred, objects, rng, workdir: str) -> Dict[str, float]:
     from diffusion_jax.eval import shapes_parser
-    from diffusion_jax.experiments import unclip_decoder
     if objects is None:
       raise ValueError("End-to-end scoring needs the shapes world (scene encodings in the cache).")
     num = min(int(self.config.eval.get("num_decoded", 200)), pred.shape[0])
-    dec = unclip_decoder.load_decoder(decoder_workdir)
-    imgs = dec.decode(pred[:num], jax.random.fold_in(rng, 7), steps=int(self.config.eval.get("decoder_steps", 25)),
+    imgs = self.decoder().decode(pred[:num], jax.random.fold_in(rng, 7), steps=int(self.config.eval.get("decoder_steps", 25)),
                       guidance=float(self.config.eval.get("decoder_guidance", 3.0)))
     scores = shapes_parser.score_all(imgs, np.asarray(objects[:num]))
-    try:
-      from diffusion_jax.train.metrics import image_grid, save_png
-      save_png(os.path.join(workdir, "samples", "end_to_end.png"), image_grid(imgs[:64].astype(np.float32) / 255.0))
-    except Exception as e:  # pragma: no cover - the picture is informational
-      logging.warning("Could not save the end-to-end grid: %s", e)
+    save_grid(os.path.join(workdir, "samples", "end_to_end.png"), imgs[:64])
     return {f"e2e_{k}": float(v) for k, v in scores.items()}
 
 

@@ -13,9 +13,12 @@ Registered as experiment "generation". Two regimes, picked by `config.diffusion.
 
 Latent mode (`config.latent.vae`): "none" (pixels), "sd" (the Stable Diffusion AutoencoderKL from
 `config.latent.vae_path`, a diffusers directory; latents = z * scale_factor, 0.18215), or "space_to_depth" (an
-exact, parameter-free f x f pixel-unshuffle "VAE" for tests / tiny configs). `config.latent.cache=True` encodes
-the training set once (posterior moments, kept in memory and saved to `config.latent.cache_dir` when set) and
-samples z ~ N(mean, std^2) per step.
+exact, parameter-free f x f pixel-unshuffle "VAE" for tests / tiny configs). The VAE's weights are frozen
+weights (`load_frozen`): read on the host, placed on the mesh, arguments of the jitted step, never constants
+of it. `config.latent.cache=True` encodes the training set once (jitted encoder, one compilation; posterior
+moments kept in memory and saved to `config.latent.cache_dir` when set) and samples z ~ N(mean, std^2) per
+step. `config.init_from` (released latent DiffiT weights) is read on the host and placed as the initial
+params (`load_params`), not loaded inside the jitted init.
 
 Conditioning: `config.model.num_classes` > 0 makes the run class-conditional; labels are dropped to the null
 class (index num_classes) with probability `config.cond.label_dropout` (0.1, DiT/DiffiT) so that
@@ -45,7 +48,7 @@ from jax.tree_util import Partial
 from diffusion_jax.core import losses as losses_lib
 from diffusion_jax.core import samplers as samplers_lib
 from diffusion_jax.core.schedules import make_schedule
-from diffusion_jax.experiments.base import EXPERIMENTS, Experiment, ExperimentState
+from diffusion_jax.experiments.base import EXPERIMENTS, Experiment
 from diffusion_jax.models import build_model
 from diffusion_jax.registry import Registry, check_choice
 
@@ -133,6 +136,12 @@ def _vae_encode(vae, params, x):
   return vae.apply({"params": params}, x, method="encode")
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
+def _S2D_ENCODE(images, f):
+  z = space_to_depth(images, f)
+  return jnp.concatenate([z, jnp.full_like(z, -30.0)], -1)
+
+
 # ---------------------------------------------------------------------------------------- experiment
 
 
@@ -141,8 +150,8 @@ class GenerationExperiment(Experiment):
   """See the module docstring. `feature_fn(images [B, H, W, 3] in [-1, 1]) -> [B, F]` overrides
   `config.eval.fid_feature` (e.g. an Inception network) for the Frechet distance in `evaluate()`."""
 
-  def __init__(self, config: ml_collections.ConfigDict, feature_fn: Optional[Callable] = None):
-    super().__init__(config)
+  def __init__(self, config: ml_collections.ConfigDict, stages=None, feature_fn: Optional[Callable] = None):
+    super().__init__(config, stages)
     c = config
     self.objective = check_choice("diffusion objective (config.diffusion.objective)",
                                   _get(c.get("diffusion"), "objective", "edm"), OBJECTIVES)
@@ -175,12 +184,18 @@ class GenerationExperiment(Experiment):
     return bool(getattr(self.model, "learn_sigma", False))
 
   def _load_vae(self):
+    """(module, host params, jitted encode, jitted decode) of the SD VAE, read once."""
     if self._vae is None:
       from diffusion_jax.models.vae import AutoencoderKL
       from diffusion_jax.pretrained.diffusers_io import load_vae
       cfg, params = load_vae(self.config.latent.vae_path)
-      self._vae = (AutoencoderKL(cfg), jax.tree.map(jnp.asarray, params))
+      vae = AutoencoderKL(cfg)
+      self._vae = (vae, params, jax.jit(functools.partial(_vae_encode, vae)),
+                   jax.jit(functools.partial(_vae_decode, vae)))
     return self._vae
+
+  def load_frozen(self):
+    return {"vae": self._load_vae()[1]} if self.vae_kind == "sd" else {}
 
   def latent_shape(self) -> Tuple[int, int, int]:
     s = self.image_size
@@ -188,18 +203,16 @@ class GenerationExperiment(Experiment):
       return (s, s, 3)
     if self.vae_kind == "space_to_depth":
       return (s // self.s2d, s // self.s2d, 3 * self.s2d ** 2)
-    vae, _ = self._load_vae()
+    vae = self._load_vae()[0]
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     return (s // f, s // f, vae.config.latent_channels)
 
   def encode_moments(self, frozen, images):
-    """Images [-1, 1] -> posterior moments [mean, logvar] (last axis), unscaled."""
+    """Images [-1, 1] -> posterior moments [mean, logvar] (last axis), unscaled (traceable)."""
     if self.vae_kind == "space_to_depth":
       z = space_to_depth(images, self.s2d)
       return jnp.concatenate([z, jnp.full_like(z, -30.0)], -1)
-    vae, params = self._load_vae()
-    p = frozen.get("vae", params) if isinstance(frozen, dict) else params
-    return _vae_encode(vae, p, images)
+    return _vae_encode(self._load_vae()[0], frozen["vae"], images)
 
   def to_latent(self, frozen, batch, rng):
     if self.vae_kind == "none":
@@ -210,13 +223,13 @@ class GenerationExperiment(Experiment):
     return z * self.scale_factor
 
   def decode(self, frozen, z):
+    """Latents -> pixels; the SD VAE decoder is jitted once per experiment (and per latent shape)."""
     if self.vae_kind == "none":
       return z
     z = z / self.scale_factor
     if self.vae_kind == "space_to_depth":
       return depth_to_space(z, self.s2d)
-    vae, params = self._load_vae()
-    return jax.jit(functools.partial(_vae_decode, vae))(frozen.get("vae", params), z)
+    return self._load_vae()[3](frozen["vae"], z)
 
   # ------------------------------------------------------------------ data
   def _source(self, split: str, seed: int):
@@ -248,13 +261,21 @@ class GenerationExperiment(Experiment):
         raise ValueError(f"Latent cache {path} holds {len(data['label'])} examples but the data set has "
                          f"{len(source)}; delete the cache or point config.latent.cache_dir elsewhere.")
       return _ArraySource(data)
-    bs = 64
+    bs = int(_get(lat, "encode_batch_size", 64))
+    if self.vae_kind == "sd":
+      _, vae_params, encode, _ = self._load_vae()
+    else:
+      vae_params, encode = None, _S2D_ENCODE
     moments, labels = [], []
     for start in range(0, len(source), bs):
       exs = [functools.reduce(lambda e, t: t.map(e), transforms, source[i])
              for i in range(start, min(start + bs, len(source)))]
-      imgs = jnp.asarray(np.stack([e["image"] for e in exs]))
-      moments.append(np.asarray(self.encode_moments({}, imgs), np.float32))
+      imgs = np.stack([e["image"] for e in exs])
+      n = len(imgs)
+      if n < bs:  # pad the last batch: one compiled encoder for every batch
+        imgs = np.concatenate([imgs, np.repeat(imgs[-1:], bs - n, 0)])
+      m = encode(vae_params, imgs) if vae_params is not None else encode(imgs, self.s2d)
+      moments.append(np.asarray(m, np.float32)[:n])
       labels.append(np.asarray([e["label"] for e in exs], np.int32))
     data = {"moments": np.concatenate(moments), "label": np.concatenate(labels)}
     if path:
@@ -263,23 +284,20 @@ class GenerationExperiment(Experiment):
     return _ArraySource(data)
 
   # ------------------------------------------------------------------ model
-  def init(self, rng, batch) -> ExperimentState:
+  def init(self, rng, batch, frozen):
     shape = self.latent_shape()
     b = 1
     x = jnp.zeros((b,) + shape, jnp.float32)
     t = jnp.zeros((b,), jnp.float32)
     y = jnp.zeros((b,), jnp.int32) if self.num_classes else None
-    variables = self.model.init(rng, x, t, y)
-    init_from = self.config.get("init_from", "")
-    if init_from:
-      variables = {"params": self._load_pretrained(init_from, variables["params"])}
-    frozen = {}
-    if self.vae_kind == "sd":
-      frozen = {"vae": self._load_vae()[1]}
-    return ExperimentState(params=variables["params"], frozen=frozen)
+    return self.model.init(rng, x, t, y)["params"]
 
-  def _load_pretrained(self, path: str, like):
-    """Released latent DiffiT weights (NVlabs safetensors layout) -> params shaped like `like`."""
+  def load_params(self, like):
+    """`config.init_from`: released latent DiffiT weights (NVlabs safetensors layout), read on the host and
+    checked against `like` (the abstract params); None without init_from."""
+    path = self.config.get("init_from", "")
+    if not path:
+      return None
     from diffusion_jax.pretrained import diffit as pretrained_diffit
     from diffusion_jax.pretrained import io
     _, params = pretrained_diffit.load_diffit(path)
@@ -287,7 +305,7 @@ class GenerationExperiment(Experiment):
     io.check_names(want, got, f"checkpoint {path} (config.init_from)")
     for k in want:
       io.check_shape(k, np.shape(got[k]), want[k].shape)
-    return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), params, like)
+    return jax.tree.map(lambda a, b: np.asarray(a, b.dtype), params, like)
 
   def denoiser(self, params) -> Partial:
     """`fn(x, t, y)` for the core samplers / losses (a `Partial`, so new params do not re-trace)."""
@@ -357,9 +375,15 @@ class GenerationExperiment(Experiment):
     z = self.sample_latents(params, rng, labels, num, **overrides)
     return jnp.clip(self.decode(frozen, z), -1.0, 1.0)
 
-  def sample(self, params, frozen, rng, num: int):
-    imgs = self.generate(params, frozen, rng, num=num)
-    return np.asarray((imgs + 1.0) / 2.0)
+  def sample(self, params, frozen, batch, rng):
+    """Class-conditional: one image per label of `batch`; unconditional: one per example of `batch`."""
+    num = len(batch["label"])
+    labels = np.asarray(batch["label"], np.int32) if self.num_classes else None
+    imgs = self.generate(params, frozen, rng, labels, num=num)
+    out = {"image": np.asarray((imgs + 1.0) / 2.0)}
+    if labels is not None:
+      out["label"] = labels
+    return out
 
   # ------------------------------------------------------------------ evaluation
   def _features(self, images):
@@ -376,10 +400,13 @@ class GenerationExperiment(Experiment):
     bs = int(_get(ec, "batch_size", 128))
     labels = (np.arange(n) % self.num_classes).astype(np.int32) if self.num_classes else None
     imgs = []
+    bs = min(bs, n)
     for i, start in enumerate(range(0, n, bs)):
-      lab = None if labels is None else labels[start:start + bs]
-      imgs.append(np.asarray(self.generate(params, frozen, jax.random.fold_in(rng, i), lab,
-                                           num=min(bs, n - start))))
+      k = min(bs, n - start)
+      lab = None
+      if labels is not None:  # pad the last batch: every batch runs the same compiled sampler
+        lab = np.concatenate([labels[start:start + k], np.zeros(bs - k, np.int32)])
+      imgs.append(np.asarray(self.generate(params, frozen, jax.random.fold_in(rng, i), lab, num=bs))[:k])
     imgs = np.concatenate(imgs)
     out: Dict[str, float] = {"num_samples": float(n)}
     if self.data_name == "shapes" and self.num_classes:

@@ -7,10 +7,11 @@ epsilon-prediction DDPM (1000-step linear schedule) conditioned on the CLIP imag
 image (`models/unclip_decoder.py`), with the embedding dropped 10% of the time so that sampling can use
 classifier-free guidance (DDIM, `config.sample.steps`, `config.sample.guidance`).
 
-It shares the CLIP and the embedding cache with `eclipse_prior` (same `config.clip` / `config.data` keys; the
-shapes cache keeps the images). `evaluate` decodes the *true* image embeddings of held-out captions and scores
-the images with the shapes parser (the upper bound for end-to-end unCLIP), and exports the decoder to
-`<workdir>/decoder_export` (`params.safetensors` + `config.json`) for `load_decoder`.
+It shares the CLIP stage and the embedding cache with `eclipse_prior` (same `config.stages.clip` /
+`config.data` keys, `experiments/clip_stage.py`; the shapes cache keeps the images). `evaluate` decodes the
+*true* image embeddings of held-out captions and scores the images with the shapes parser (the upper bound
+for end-to-end unCLIP); `export` writes the decoder (`params.safetensors` + `config.json`, export kind
+"unclip_decoder") for `load_decoder` — what an `eclipse_prior` run's optional "decoder" stage hands on.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax.data import clip_cache
-from diffusion_jax.experiments.base import EXPERIMENTS, Experiment, ExperimentState
+from diffusion_jax.experiments import clip_stage
+from diffusion_jax.experiments.base import EXPERIMENTS, EXPORT_KINDS, Experiment, require_files
+from diffusion_jax.images import save_grid
 from diffusion_jax.models.unclip_decoder import UnCLIPDecoder
-
-EXPORT_SUBDIR = "decoder_export"
 
 
 def _to_unit_range(ex: Dict[str, Any]) -> Dict[str, Any]:
@@ -100,10 +101,16 @@ class Decoder:
     return np.round(np.concatenate(out)).astype(np.uint8)
 
 
+@EXPORT_KINDS.register("unclip_decoder")
+def check_decoder_export(path: str) -> None:
+  require_files(path, ["params.safetensors", "config.json"], "an unCLIP decoder export")
+
+
 def save_decoder(directory: str, params, model_cfg, image_size: int, sample_cfg) -> None:
   from diffusion_jax.pretrained import io
   os.makedirs(directory, exist_ok=True)
-  io.save_state_dict(io.flatten(jax.tree.map(np.asarray, params)), os.path.join(directory, "params.safetensors"))
+  io.save_state_dict(io.flatten(jax.tree.map(np.asarray, jax.device_get(params))),
+                     os.path.join(directory, "params.safetensors"))
   io.write_json({"channels": [int(c) for c in model_cfg.channels], "num_res_blocks": int(model_cfg.num_res_blocks),
                  "emb_dim": int(model_cfg.emb_dim), "image_size": int(image_size),
                  "num_timesteps": int(sample_cfg.get("num_timesteps", 1000)),
@@ -111,13 +118,13 @@ def save_decoder(directory: str, params, model_cfg, image_size: int, sample_cfg)
                 os.path.join(directory, "config.json"))
 
 
-def load_decoder(workdir: str) -> Decoder:
-  """Loads the decoder exported by `evaluate` in `workdir` (or an export directory itself)."""
+def load_decoder(directory: str) -> Decoder:
+  """Loads a decoder export (what `UnclipDecoderExperiment.export` writes; the "decoder" stage's path)."""
   from diffusion_jax.pretrained import io
-  d = workdir if os.path.exists(os.path.join(workdir, "params.safetensors")) else os.path.join(workdir, EXPORT_SUBDIR)
+  d = directory
   if not os.path.exists(os.path.join(d, "params.safetensors")):
-    raise FileNotFoundError(f"No trained unCLIP decoder in {workdir}. Train one first: python -m diffusion_jax.main "
-                            f"--config configs/unclip_decoder_shapes.py --workdir {workdir}")
+    raise FileNotFoundError(f"No unCLIP decoder export in {directory}. Train one first: python -m diffusion_jax.main "
+                            "--config configs/unclip_decoder_shapes.py --workdir DIR (its export is DIR/export)")
   cfg = io.read_json(os.path.join(d, "config.json"))
   module = UnCLIPDecoder(channels=tuple(cfg["channels"]), num_res_blocks=cfg["num_res_blocks"], emb_dim=cfg["emb_dim"])
   params = jax.tree.map(jnp.asarray, io.unflatten(io.load_state_dict(os.path.join(d, "params.safetensors"))))
@@ -127,9 +134,10 @@ def load_decoder(workdir: str) -> Decoder:
 @EXPERIMENTS.register("unclip_decoder")
 class UnclipDecoderExperiment(Experiment):
   """Image-embedding-conditioned diffusion decoder trained on shapes images and their CLIP embeddings."""
+  export_kind = "unclip_decoder"
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
+  def __init__(self, config: ml_collections.ConfigDict, stages=None):
+    super().__init__(config, stages)
     from diffusion_jax.core.schedules import make_schedule
     if config.data.name != "shapes":
       raise ValueError(f"unclip_decoder trains on the shapes world (config.data.name='shapes'), got "
@@ -137,31 +145,28 @@ class UnclipDecoderExperiment(Experiment):
     self.module = _module_from(config.model, jnp.dtype(config.get("dtype", "float32")))
     s = config.sample
     self.schedule = make_schedule(s.get("beta_schedule", "linear"), int(s.get("num_timesteps", 1000)))
-    self._dirs: Optional[Dict[str, str]] = None
+    self._dirs: Dict[str, str] = {}
     self._fn = functools.partial(_denoise, self.module)
+    self.clip_dir = self.stage("clip")
 
-  def prepare(self, workdir: Optional[str] = None) -> Dict[str, str]:
-    if self._dirs is None:
-      from diffusion_jax.experiments import eclipse
-      root = workdir or eclipse.resolve_workdir(self)
-      clip_dir = eclipse.ensure_clip(self.config, root)
-      self._dirs = eclipse.ensure_caches(self.config, clip_dir, root)
-    return self._dirs
+  def cache(self, split: str) -> str:
+    if split not in self._dirs:
+      self._dirs.update(clip_stage.embedding_caches(self.config, self.clip_dir, self.workdir, [split]))
+    return self._dirs[split]
 
   def make_dataset(self, split: str, *, seed: int, shard_index: int = 0, shard_count: int = 1):
     from diffusion_jax.data.pipeline import make_pipeline
-    dirs = self.prepare()
     d = self.config.data
-    src = clip_cache.EmbeddingSource(dirs[split], keys=("image", "image_emb"))
+    src = clip_cache.EmbeddingSource(self.cache(split), keys=("image", "image_emb"))
     return make_pipeline(src, [_to_unit_range], batch_size=int(d.batch_size) // shard_count, seed=seed,
                          shuffle=split == "train", num_workers=int(d.get("num_workers", 0)),
                          prefetch=int(d.get("prefetch", 2)), shard_index=shard_index, shard_count=shard_count)
 
-  def init(self, rng, batch) -> ExperimentState:
+  def init(self, rng, batch, frozen):
     b = 2
     v = self.module.init(rng, batch["image"][:b], jnp.zeros((b,), jnp.float32), batch["image_emb"][:b],
                          jnp.ones((b,), jnp.float32))
-    return ExperimentState(params=v["params"], frozen={})
+    return v["params"]
 
   def loss(self, params, frozen, ema, batch, rng, step):
     from diffusion_jax.core.losses import diffusion_loss
@@ -179,30 +184,25 @@ class UnclipDecoderExperiment(Experiment):
     return Decoder(self.module, params, int(self.config.data.image_size), int(s.get("num_timesteps", 1000)),
                    s.get("beta_schedule", "linear"))
 
-  def sample(self, params, frozen, rng, num: int):
-    dirs = self.prepare()
-    embs = np.asarray(clip_cache.load_arrays(dirs["test"], ["image_emb"])["image_emb"][:num])
+  def sample(self, params, frozen, batch, rng):
+    """Decodes the true image embeddings of `batch` (shown next to the images they came from)."""
     s = self.config.sample
-    imgs = self._decoder(params).decode(embs, rng, int(s.get("steps", 25)), float(s.get("guidance", 3.0)))
-    return imgs.astype(np.float32) / 255.0
+    embs = np.asarray(batch["image_emb"], np.float32)
+    imgs = self._decoder(params).decode(embs, rng, int(s.get("steps", 25)), float(s.get("guidance", 3.0)),
+                                        batch_size=len(embs))
+    return {"decoded": imgs.astype(np.float32) / 255.0}
+
+  def export(self, params, frozen, directory: str) -> None:
+    save_decoder(directory, params, self.config.model, int(self.config.data.image_size), self.config.sample)
 
   def evaluate(self, params, frozen, rng, workdir: str) -> Dict[str, float]:
     from diffusion_jax.eval import shapes_parser
-    dirs = self.prepare(workdir)
-    params = jax.device_get(params)
-    save_decoder(os.path.join(workdir, EXPORT_SUBDIR), params, self.config.model, int(self.config.data.image_size),
-                 self.config.sample)
     num = int(self.config.eval.get("num_examples", 200))
-    arr = clip_cache.load_arrays(dirs["test"], ["image_emb", "objects"])
+    arr = clip_cache.load_arrays(self.cache("test"), ["image_emb", "objects"])
     num = min(num, arr["image_emb"].shape[0])
     s = self.config.sample
     imgs = self._decoder(params).decode(np.asarray(arr["image_emb"][:num]), rng, int(s.get("steps", 25)),
                                         float(s.get("guidance", 3.0)))
     scores = shapes_parser.score_all(imgs, np.asarray(arr["objects"][:num]))
-    try:
-      from diffusion_jax.train.metrics import image_grid, save_png
-      save_png(os.path.join(workdir, "samples", "decoded_true_embeddings.png"),
-               image_grid(imgs[:64].astype(np.float32) / 255.0))
-    except Exception:  # pragma: no cover
-      pass
+    save_grid(os.path.join(workdir, "samples", "decoded_true_embeddings.png"), imgs[:64])
     return {f"true_emb_{k}": float(v) for k, v in scores.items()}

@@ -16,6 +16,9 @@ import numpy as np
 from absl import logging
 from clu import metrics as clu_metrics
 
+# Image grids and sample sheets live in diffusion_jax/images.py (experiments use them too).
+from diffusion_jax.images import image_grid, sample_sheet, save_png  # noqa: F401
+
 
 class Accumulator:
   """Averages every scalar metric between two logs with `clu.metrics.Average`.
@@ -119,26 +122,3 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
-
-
-def image_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 1) -> np.ndarray:
-  """[N, H, W, 3] floats in [0, 1] -> one uint8 grid image."""
-  images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
-  if images.ndim == 3:
-    images = images[..., None]
-  if images.shape[-1] == 1:
-    images = np.repeat(images, 3, axis=-1)
-  n, h, w, c = images.shape
-  ncols = ncols or int(math.ceil(math.sqrt(n)))
-  nrows = int(math.ceil(n / ncols))
-  grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.float32)
-  for i in range(n):
-    r, col = divmod(i, ncols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = images[i]
-  return (grid * 255.0 + 0.5).astype(np.uint8)
-
-
-def save_png(path: str, image: np.ndarray):
-  from PIL import Image
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(image).save(path)

@@ -3,15 +3,24 @@
 It knows nothing of any method: an `Experiment` (diffusion_jax/experiments/base.py) supplies the data, the
 initial params (+ frozen arrays), the loss, sampling and evaluation. Per run:
 
-1. validate the config (names, divisibility, data dirs) and build the experiment and its data pipeline: a
-   wrong name or a missing directory fails here, before anything is compiled;
-2. mesh from `config.mesh`; state shardings from `config.param_sharding` (train/mesh.py);
-3. `TrainState` (step, params, frozen, opt_state, ema, rng) created by a jitted init with out_shardings, or
-   restored from the latest checkpoint against its abstract tree (so it lands on the current mesh);
-4. the train step is jitted with in/out shardings and the state donated, compiled ahead of time;
-5. loop: metrics (clu Average) -> DIR/metrics.jsonl + TensorBoard + console every `log_every`; checkpoint
-   every `ckpt_every` (state + grain iterator + config); PNG sample grids every `sample_every`; evaluation
-   every `eval_every` and at the end (DIR/eval_results.json).
+1. validate the config (names, divisibility, data dirs, EMA names, optimiser groups) and build the experiment
+   (with its stages' export directories) and its data pipeline — the train split for `train`, only the test
+   split for `sample` / `evaluate`: a wrong name or a missing directory fails here, before anything is
+   compiled;
+2. mesh from `config.mesh`; shardings of params and frozen weights from `config.param_sharding`
+   (train/mesh.py);
+3. frozen / pretrained weights: `experiment.load_frozen()` on the host, placed on the mesh by the same rule,
+   passed to every jitted function as an argument (never a constant of a compiled program, never
+   checkpointed);
+4. `TrainState` (step, params, opt_state, named ema, rng) created by a jitted `init(rng, batch, frozen)` with
+   out_shardings, or restored from the latest checkpoint against its abstract tree (so it lands on the
+   current mesh);
+5. the train step `(state, frozen, batch) -> (state, metrics)` is jitted with in/out shardings and the
+   state donated, compiled ahead of time;
+6. loop: metrics (clu Average) -> DIR/metrics.jsonl + TensorBoard + console every `log_every`; checkpoint
+   every `ckpt_every` (state + grain iterator + config); sample sheets of a fixed eval batch every
+   `sample_every` (DIR/samples/); evaluation every `eval_every`; at the end the export (DIR/export, what a
+   stage hands on), evaluation (DIR/eval_results.json) and a last sample sheet.
 
 Exact resume: the RNG of step s is `fold_in(state.rng, s)` and the data iterator position is checkpointed,
 so an interrupted and resumed run computes the same steps as an uninterrupted one.
@@ -24,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -41,8 +51,8 @@ from diffusion_jax.experiments.base import Experiment, get_experiment
 from diffusion_jax.registry import check_choice
 from diffusion_jax.train import mesh as mesh_lib
 from diffusion_jax.train.checkpoint import Checkpointer
-from diffusion_jax.train.metrics import Accumulator, MetricWriter, image_grid, save_png
-from diffusion_jax.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer
+from diffusion_jax.train.metrics import Accumulator, MetricWriter, sample_sheet, save_png
+from diffusion_jax.train.optim import OPTIMIZERS, SCHEDULES, check_groups, make_optimizer
 from diffusion_jax.train.remat import REMAT_POLICIES
 
 PyTree = Any
@@ -54,15 +64,14 @@ class TrainState:
   """Everything a checkpoint holds besides the data iterator and config.
 
   step: int32 scalar (number of optimiser updates done); params: trainable pytree (fp32);
-  frozen: non-trained arrays from `Experiment.init` (never differentiated, never donated);
-  opt_state: optax state; ema: tuple of EMA copies of params, one per `config.train.ema_decays`;
-  rng: base PRNG key; step s uses `jax.random.fold_in(rng, s)`.
+  opt_state: optax state (nothing for frozen groups); ema: dict of named EMA copies of params
+  (`config.train.ema`); rng: base PRNG key; step s uses `jax.random.fold_in(rng, s)`. Frozen weights are not
+  part of it: they come from `Experiment.load_frozen()` at every start.
   """
   step: jax.Array
   params: PyTree
-  frozen: PyTree
   opt_state: PyTree
-  ema: Tuple[PyTree, ...]
+  ema: Dict[str, PyTree]
   rng: jax.Array
 
 
@@ -102,15 +111,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   accum = int(_get(config, "optim.grad_accum", 1))
   if accum < 1:
     raise ValueError(f"config.optim.grad_accum must be >= 1, got {accum}.")
-  for d in _get(config, "train.ema_decays", ()) or ():
-    if not 0.0 <= float(d) < 1.0:
-      raise ValueError(f"config.train.ema_decays must lie in [0, 1); got {d}.")
+  for old in ("ema_decays", "sample_with_ema"):
+    if "train" in config and old in config.train:
+      raise ValueError(f"config.train.{old} was replaced by named EMAs: config.train.ema = {{'ema': 0.9999}} "
+                       "(name -> decay, {} for none) and config.train.sample_with = 'ema' (an EMA name or "
+                       "'params').")
+  emas = ema_decays(config)
+  for name, d in emas.items():
+    if not 0.0 <= d < 1.0:
+      raise ValueError(f"config.train.ema.{name} = {d}: an EMA decay must lie in [0, 1).")
+  with_ = str(_get(config, "train.sample_with", "params"))
+  if with_ != "params" and with_ not in emas:
+    raise ValueError(f"config.train.sample_with = {with_!r} names no EMA. Valid: 'params', "
+                     f"{', '.join(repr(n) for n in emas) or '(no EMA configured: config.train.ema is empty)'}.")
   for key, value in (config.data.items() if "data" in config else []):
     if isinstance(value, str) and value and key == "data_dir":  # (cache dirs etc. may be created by the run)
       if not os.path.exists(value):
         raise FileNotFoundError(
             f"config.data.{key} = {value!r} does not exist. Point it at the prepared data "
             f"(--config.data.{key}=/path/to/data) or build the data set there first.")
+
+
+def ema_decays(config: ml_collections.ConfigDict) -> Dict[str, float]:
+  """config.train.ema (name -> decay) as a plain dict, in config order."""
+  emas = _get(config, "train.ema", None)
+  if not emas:
+    return {}
+  if not hasattr(emas, "items"):
+    raise ValueError(f"config.train.ema must map names to decays (e.g. {{'ema': 0.9999}}), got {emas!r}.")
+  return {str(k): float(v) for k, v in emas.items()}
 
 
 def validate_mesh(config: ml_collections.ConfigDict, mesh) -> None:
@@ -151,15 +180,33 @@ def _numeric(batch: Dict[str, Any]) -> Dict[str, Any]:
   return out
 
 
-class _Run:
-  """Experiment, mesh, data iterator, optimiser and shardings shared by train / sample / evaluate."""
+def place(tree: PyTree, shardings: PyTree) -> PyTree:
+  """Host arrays (numpy or jax) -> global arrays with `shardings`; works on one host and on several (every
+  process holds the same full host value, e.g. weights read from the same file)."""
+  def put(x, s):
+    if isinstance(x, jax.Array) and jax.process_count() == 1:
+      return jax.device_put(x, s)
+    a = np.asarray(x)
+    return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
+  return jax.tree.map(put, tree, shardings)
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+
+def _tree_mb(tree: PyTree) -> float:
+  return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)) / 2 ** 20
+
+
+class _Run:
+  """Experiment, mesh, data iterator, frozen weights, optimiser and shardings shared by train / sample /
+  evaluate. `mode="train"` reads the train split; any other mode only the test split."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mode: str = "train",
+               stages: Optional[Dict[str, str]] = None):
     validate_config(config)
     self.config = config
     self.workdir = workdir
-    self.experiment: Experiment = get_experiment(config)  # unknown experiment -> lists valid names.
-    self.experiment.workdir = workdir  # the run directory, for experiments with on-disk stages or caches.
+    self.mode = mode
+    self.experiment: Experiment = get_experiment(config, stages)  # unknown experiment -> lists valid names.
+    self.experiment.workdir = workdir  # the run directory, for experiments with on-disk caches.
     self.mesh = mesh_lib.make_mesh(config.get("mesh"))
     validate_mesh(config, self.mesh)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
@@ -167,27 +214,43 @@ class _Run:
     self.rule = config.get("param_sharding", "replicated")
     self.min_size = int(_get(config, "mesh.fsdp_min_size", mesh_lib.DEFAULT_FSDP_MIN_SIZE))
     self.num_steps = int(config.train.num_steps)
-    self.ema_decays = tuple(float(d) for d in (_get(config, "train.ema_decays", ()) or ()))
+    self.ema_decays = ema_decays(config)
+    self.sample_with = str(_get(config, "train.sample_with", "params"))
     self.tx, self.schedule = make_optimizer(config.optim, self.num_steps)
+    self._sample_batch = None
 
     pi, pc = jax.process_index(), jax.process_count()
-    dataset = self.experiment.make_dataset("train", seed=int(config.seed), shard_index=pi, shard_count=pc)
+    split = "train" if mode == "train" else "test"
+    dataset = self.experiment.make_dataset(split, seed=int(config.seed), shard_index=pi, shard_count=pc)
     self.iterator = iter(dataset)
-    self.first_batch = next(self.iterator)  # used as the batch of step 1 on a fresh start.
+    self.first_batch = next(self.iterator)  # the batch of step 1 on a fresh start (train); shapes (others).
     host = _numeric(self.first_batch)
     want = int(config.data.batch_size) // pc
-    for path, v in jax.tree_util.tree_leaves_with_path(host):
-      if v.ndim == 0 or v.shape[0] != want:
-        raise ValueError(f"Batch entry {jax.tree_util.keystr(path)} has shape {v.shape}; expected a leading axis "
-                         f"of {want} (= data.batch_size // hosts). Check the experiment's make_dataset.")
+    if mode == "train":
+      for path, v in jax.tree_util.tree_leaves_with_path(host):
+        if v.ndim == 0 or v.shape[0] != want:
+          raise ValueError(f"Batch entry {jax.tree_util.keystr(path)} has shape {v.shape}; expected a leading "
+                           f"axis of {want} (= data.batch_size // hosts). Check the experiment's make_dataset.")
     self.batch_shardings = jax.tree.map(lambda _: self.batch_sharding, host)
     self.abstract_batch = jax.tree.map(
         lambda v: jax.ShapeDtypeStruct((v.shape[0] * pc,) + v.shape[1:], v.dtype, sharding=self.batch_sharding),
         host)
 
+    # Frozen / pretrained weights: loaded on the host, placed by the params' rule, passed as arguments.
+    t0 = time.time()
+    frozen_host = self.experiment.load_frozen() or {}
+    self.frozen_shardings = mesh_lib.tree_shardings(frozen_host, self.mesh, self.rule, self.min_size)
+    self.frozen = place(frozen_host, self.frozen_shardings)
+    del frozen_host
+    self.abstract_frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        self.frozen, self.frozen_shardings)
+    if jax.tree.leaves(self.frozen):
+      logging.info("Frozen weights: %.1f MB placed on the mesh in %.2f s.", _tree_mb(self.frozen), time.time() - t0)
+
     self.init_fn = self._make_init()
     rng = jax.random.PRNGKey(int(config.seed))
-    abstract = jax.eval_shape(self.init_fn, rng, self.abstract_batch)
+    abstract = jax.eval_shape(self.init_fn, rng, self.abstract_batch, self.abstract_frozen)
+    self.group_counts = check_groups(config.optim, abstract.params)
     self.state_shardings = mesh_lib.tree_shardings(abstract, self.mesh, self.rule, self.min_size)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_shardings)
@@ -199,34 +262,111 @@ class _Run:
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(self.batch_sharding, v), host)
 
   def _make_init(self):
-    experiment, tx, n_ema = self.experiment, self.tx, len(self.ema_decays)
+    experiment, tx, names = self.experiment, self.tx, tuple(self.ema_decays)
 
-    def init(rng, batch):
+    def state_from(params, state_rng):
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                        ema={n: jax.tree.map(jnp.copy, params) for n in names}, rng=state_rng)
+
+    def init(rng, batch, frozen):
       init_rng, state_rng = jax.random.split(rng)
-      es = experiment.init(init_rng, batch)
-      params = es.params
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=es.frozen,
-                        opt_state=tx.init(params),
-                        ema=tuple(jax.tree.map(jnp.copy, params) for _ in range(n_ema)), rng=state_rng)
+      params = experiment.init(init_rng, batch, frozen)
+      if not isinstance(params, dict):
+        raise TypeError(f"{type(experiment).__name__}.init must return the params pytree (a dict), got "
+                        f"{type(params).__name__}.")
+      return state_from(params, state_rng)
+
+    def init_with(rng, params):  # params read on the host by `experiment.load_params`
+      return state_from(params, jax.random.split(rng)[1])
+
+    self.init_with_fn = init_with
     return init
 
   def init_state(self) -> TrainState:
     rng = jax.random.PRNGKey(int(self.config.seed))
-    batch = self.to_device(self.first_batch)
+    pretrained = self.experiment.load_params(self.abstract_state.params)
     with jax.set_mesh(self.mesh):
-      return jax.jit(self.init_fn, out_shardings=self.state_shardings)(rng, batch)
+      if pretrained is not None:
+        params = place(pretrained, self.state_shardings.params)
+        return jax.jit(self.init_with_fn, out_shardings=self.state_shardings)(rng, params)
+      batch = self.to_device(self.first_batch)
+      return jax.jit(self.init_fn, out_shardings=self.state_shardings)(rng, batch, self.frozen)
+
+  def step_fn(self):
+    return _make_step(self.experiment, self.tx, self.schedule, self.ema_decays,
+                      int(self.config.optim.get("grad_accum", 1)))
+
+  def lower_step(self):
+    """The train step lowered for this run's shapes and shardings (`.compile()` it, or read `.as_text()`)."""
+    jitted = jax.jit(self.step_fn(), in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_shardings),
+                     out_shardings=(self.state_shardings, self.repl), donate_argnums=(0,))
+    with jax.set_mesh(self.mesh):
+      return jitted.lower(self.abstract_state, self.abstract_frozen, self.abstract_batch)
+
+  def lower_init(self):
+    jitted = jax.jit(self.init_fn, out_shardings=self.state_shardings)
+    with jax.set_mesh(self.mesh):
+      return jitted.lower(jax.random.PRNGKey(0), self.abstract_batch, self.abstract_frozen)
+
+  def eval_params(self, state: TrainState):
+    return state.params if self.sample_with == "params" else state.ema[self.sample_with]
+
+  def sample_batch(self, num: int) -> Dict[str, Any]:
+    """The first `num` examples of the test split (host arrays), the same at every call: the conditions
+    of every sample sheet of a run."""
+    if self._sample_batch is None or _batch_len(self._sample_batch) < num:
+      if self.mode != "train":
+        it, first = self.iterator, self.first_batch
+      else:
+        ds = self.experiment.make_dataset("test", seed=int(self.config.seed), shard_index=jax.process_index(),
+                                          shard_count=jax.process_count())
+        it = iter(ds)
+        first = next(it)
+      parts, n = [first], _batch_len(first)
+      while n < num:
+        try:
+          b = next(it)
+        except StopIteration:
+          break
+        parts.append(b)
+        n += _batch_len(b)
+      self._sample_batch = _concat_batches(parts)
+      if it is not self.iterator:
+        _close(it)
+    return _slice_batch(self._sample_batch, num)
 
   def close(self):
-    close = getattr(self.iterator, "close", None)
-    if close is not None:
-      try:
-        close()
-      except Exception:  # pragma: no cover
-        pass
+    _close(self.iterator)
 
 
-def _make_step(experiment: Experiment, tx, schedule, ema_decays, accum: int):
-  """The pure train step (dyn_state, frozen, batch) -> (dyn_state, metrics); dyn_state.frozen is {}."""
+def _close(it):
+  close = getattr(it, "close", None)
+  if close is not None:
+    try:
+      close()
+    except Exception:  # pragma: no cover
+      pass
+
+
+def _batch_len(batch) -> int:
+  for v in jax.tree.leaves(batch):
+    if np.ndim(v):
+      return int(np.shape(v)[0])
+  return 0
+
+
+def _concat_batches(parts):
+  if len(parts) == 1:
+    return parts[0]
+  return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *parts)
+
+
+def _slice_batch(batch, num: int):
+  return jax.tree.map(lambda v: v[:num] if np.ndim(v) else v, batch)
+
+
+def _make_step(experiment: Experiment, tx, schedule, ema_decays: Dict[str, float], accum: int):
+  """The pure train step (state, frozen, batch) -> (state, metrics)."""
 
   def step(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -255,8 +395,8 @@ def _make_step(experiment: Experiment, tx, schedule, ema_decays, accum: int):
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = tuple(jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, e_tree, params)
-                for d, e_tree in zip(ema_decays, state.ema))
+    ema = {name: jax.tree.map(lambda e, p, d=ema_decays[name]: d * e + (1.0 - d) * p, e_tree, params)
+           for name, e_tree in state.ema.items()}
     out = {"loss": loss, "grad_norm": optax.tree.norm(grads),
            "lr": jnp.asarray(schedule(state.step), jnp.float32), **metrics}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), out
@@ -285,12 +425,6 @@ def _param_overview(params: PyTree) -> Tuple[int, str]:
   return total, "\n".join(lines)
 
 
-def _eval_params(config, state: TrainState):
-  if bool(_get(config, "train.sample_with_ema", True)) and state.ema:
-    return state.ema[0]
-  return state.params
-
-
 class _Preemption:
   """SIGTERM -> flag checked after every step (the handler itself does no work)."""
 
@@ -314,16 +448,26 @@ class _Preemption:
 
 # ------------------------------------------------------------------------------------------------ train
 
+EXPORT_SUBDIR = "export"
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+
+def export_dir(workdir: str) -> str:
+  """Where a finished run's `Experiment.export` output lives (what a stage hands on)."""
+  return os.path.join(workdir, EXPORT_SUBDIR)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Dict[str, str]] = None
+          ) -> Dict[str, Any]:
   """Trains (or resumes) `config.experiment` in `workdir`; returns the last logged metrics.
 
-  The returned dict holds the last train metrics (`step`, `loss`, ...), the evaluation results under
-  "eval/<name>" and `preempted=True` when a SIGTERM stopped the run early.
+  `stages` maps the names of `config.stages` to their export directories (`diffusion_jax.stages` resolves
+  them; call `diffusion_jax.stages.run` to have them trained first). The returned dict holds the last train
+  metrics (`step`, `loss`, ...), the evaluation results under "eval/<name>", `preempted=True` when a SIGTERM
+  stopped the run early, and `export` (the export directory, or None).
   """
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  run = _Run(config, workdir)
+  run = _Run(config, workdir, "train", stages)
   tc = config.train
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tc.get("keep_ckpts", 3)),
                       use_async=bool(tc.get("async_ckpt", True)))
@@ -334,6 +478,52 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     ckpt.close()  # waits for the last async save to be committed.
     writer.close()
     run.close()
+
+
+def write_samples(run: _Run, params, rng, num: int, path: str, writer: Optional[MetricWriter] = None,
+                  step: int = 0, save_arrays: bool = False) -> Optional[Dict[str, Any]]:
+  """`experiment.sample` on the run's fixed eval batch -> a sample sheet PNG at `path` (+ an .npz of every
+  numeric output when `save_arrays`); returns the host outputs (None when the method has none)."""
+  batch = run.sample_batch(num)
+  out = run.experiment.sample(params, run.frozen, batch, rng)
+  if not out:
+    return None
+  out = jax.device_get(out)
+  if jax.process_index() == 0:
+    sheet = sample_sheet(batch, out)
+    if sheet is not None:
+      save_png(path, sheet)
+      if writer is not None:
+        writer.write_image(step, "samples", sheet)
+    if save_arrays:
+      arrays = {k: np.asarray(v) for k, v in out.items() if np.asarray(v).dtype.kind in "biuf"}
+      np.savez(os.path.splitext(path)[0] + ".npz", **arrays)
+  return out
+
+
+def write_export(run: _Run, params, workdir: str) -> Optional[str]:
+  """Runs `experiment.export` into DIR/export (written under a temporary name, renamed when complete);
+  returns the directory, or None when the experiment exported nothing."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
+  final = export_dir(workdir)
+  if jax.process_index() != 0:
+    return final
+  tmp = final + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  run.experiment.export(params, run.frozen, tmp)
+  if not os.listdir(tmp):
+    os.rmdir(tmp)
+    return None
+  old = final + ".old"
+  if os.path.exists(final):
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+  os.replace(tmp, final)
+  shutil.rmtree(old, ignore_errors=True)
+  return final
 
 
 def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, workdir: str, is_main: bool):
@@ -363,8 +553,10 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   start = int(jax.device_get(state.step))
 
   n_params, table = _param_overview(state.params)
-  logging.info("Parameters: %s trainable (+%s frozen)\n%s", f"{n_params:,}",
-               f"{sum(int(math.prod(x.shape)) for x in jax.tree.leaves(state.frozen)):,}", table)
+  n_frozen = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(run.frozen))
+  groups = ", ".join(f"{g}: {c[1]:,}" for g, c in sorted(run.group_counts.items()))
+  logging.info("Parameters: %s in params (%s) + %s frozen weights\n%s", f"{n_params:,}", groups,
+               f"{n_frozen:,}", table)
   if is_main:
     try:
       from clu import parameter_overview
@@ -373,27 +565,18 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
     except Exception as e:  # pragma: no cover - overview is informational.
       logging.warning("Parameter overview failed: %s", e)
 
-  frozen = state.frozen
-  dyn_state = state.replace(frozen={})
-  dyn_shardings = run.state_shardings.replace(frozen={})
-  dyn_abstract = run.abstract_state.replace(frozen={})
-  step_fn = _make_step(run.experiment, run.tx, run.schedule, run.ema_decays, int(config.optim.get("grad_accum", 1)))
-  jitted = jax.jit(step_fn, in_shardings=(dyn_shardings, run.state_shardings.frozen, run.batch_shardings),
-                   out_shardings=(dyn_shardings, run.repl), donate_argnums=(0,))
+  frozen = run.frozen
   t0 = time.time()
-  with jax.set_mesh(run.mesh):
-    compiled = jitted.lower(dyn_abstract, run.abstract_state.frozen, run.abstract_batch).compile()
+  compiled = run.lower_step().compile()
   compile_s = time.time() - t0
   logging.info("Compiled the train step in %.2f s.", compile_s)
   if is_main:
     with open(os.path.join(workdir, "run_info.json"), "w") as f:
-      json.dump({"num_params": n_params, "compile_time_s": compile_s, "mesh": dict(run.mesh.shape),
+      json.dump({"num_params": n_params, "num_frozen": n_frozen, "param_groups": run.group_counts,
+                 "compile_time_s": compile_s, "mesh": dict(run.mesh.shape),
                  "num_devices": jax.device_count(), "num_processes": jax.process_count(),
                  "platform": jax.devices()[0].platform, "jax_version": jax.__version__,
                  "start_step": start}, f, indent=1)
-
-  def full_state():
-    return dyn_state.replace(frozen=frozen)
 
   acc = Accumulator()
   last_saved = latest
@@ -417,14 +600,13 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
     if last_saved == step:
       return
     check_finite(step)
-    ckpt.save(step, full_state(), run.iterator, config_dict)
+    ckpt.save(step, state, run.iterator, config_dict)
     last_saved = step
 
   def do_eval(step: int):
     rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0xE7A1)
-    s = full_state()
-    res = run.experiment.evaluate(_eval_params(config, s), s.frozen, rng, workdir) or {}
-    res = {k: float(v) if np.ndim(v) == 0 else v for k, v in res.items()}
+    res = run.experiment.evaluate(run.eval_params(state), frozen, rng, workdir) or {}
+    res = {k: float(v) if np.ndim(v) == 0 and not isinstance(v, str) else v for k, v in res.items()}
     if is_main:
       scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, float)}
       if scalars:
@@ -434,13 +616,8 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
     return res
 
   def do_sample(step: int):
-    s = full_state()
-    imgs = run.experiment.sample(_eval_params(config, s), s.frozen, jax.random.fold_in(sample_rng, step),
-                                 num_samples)
-    if imgs is not None and is_main:
-      grid = image_grid(np.asarray(jax.device_get(imgs)))
-      save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
-      writer.write_image(step, "samples", grid)
+    write_samples(run, run.eval_params(state), jax.random.fold_in(sample_rng, step), num_samples,
+                  os.path.join(workdir, "samples", f"step_{step:07d}.png"), writer, step)
 
   from tqdm import tqdm
   bar = tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
@@ -459,7 +636,7 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
       host_batch = first_batch if first_batch is not None else next(run.iterator)
       first_batch = None
       batch = run.to_device(host_batch)
-      dyn_state, metrics = compiled(dyn_state, frozen, batch)
+      state, metrics = compiled(state, frozen, batch)
       step += 1
       acc.update(step, metrics)
       bar.update(1)
@@ -486,16 +663,17 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
       save(step)
       ckpt.wait()
       writer.flush()
-      return {**last_metrics, "step": step, "preempted": True}
+      return {**last_metrics, "step": step, "preempted": True, "export": None}
 
   save(step)
-  if step >= num_steps:
-    res = do_eval(step)
-    results.update({f"eval/{k}": v for k, v in res.items()})
-    if sample_every and step % sample_every:
-      do_sample(step)
+  ckpt.wait()
+  exported = write_export(run, run.eval_params(state), workdir)
+  res = do_eval(step)
+  results.update({f"eval/{k}": v for k, v in res.items()})
+  if sample_every and step % sample_every:
+    do_sample(step)
   writer.flush()
-  return {**last_metrics, **results, "step": step, "preempted": False}
+  return {**last_metrics, **results, "step": step, "preempted": False, "export": exported}
 
 
 def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -511,48 +689,54 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ modes
 
 
-def _restore_latest(config, workdir: str):
-  run = _Run(config, workdir)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.get("keep_ckpts", 3)),
-                      use_async=False)
+def _restore_latest(config, workdir: str, stages: Optional[Dict[str, str]] = None):
+  """The test-split run and the latest checkpoint's state (never trains; fails before loading anything heavy
+  when there is no checkpoint)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt = Checkpointer(ckpt_dir, keep=int(config.train.get("keep_ckpts", 3)), use_async=False)
   step = ckpt.latest_step()
   if step is None:
-    run.close()
+    ckpt.close()
     raise FileNotFoundError(f"No checkpoint in {ckpt.directory}. Train first: "
                             f"python -m diffusion_jax.main --config ... --workdir {workdir} --mode train")
-  state, _ = ckpt.restore(step, run.abstract_state)
-  ckpt.close()
+  run = _Run(config, workdir, "eval", stages)
+  try:
+    state, _ = ckpt.restore(step, run.abstract_state)
+  except Exception:
+    run.close()
+    raise
+  finally:
+    ckpt.close()
   return run, state, step
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str, num: Optional[int] = None) -> Dict[str, Any]:
-  """Samples `num` (default config.train.num_samples) images from the latest checkpoint into
-  DIR/samples/final_<step>.png (+ .npy); returns {"step", "path", "shape"}."""
-  run, state, step = _restore_latest(config, workdir)
+def sample(config: ml_collections.ConfigDict, workdir: str, num: Optional[int] = None,
+           stages: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+  """Samples for the first `num` (default config.train.num_samples) test examples from the latest checkpoint:
+  DIR/samples/final_<step>.png (the sample sheet) + .npz (every numeric output); returns {"step", "path",
+  "outputs": {name: shape}}."""
+  run, state, step = _restore_latest(config, workdir, stages)
   try:
     num = int(num or config.train.get("num_samples", 16))
     rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0x5A4E)
-    imgs = run.experiment.sample(_eval_params(config, state), state.frozen, rng, num)
-    if imgs is None:
-      logging.warning("Experiment %s has no image samples.", config.experiment)
-      return {"step": step, "path": None}
-    imgs = np.asarray(jax.device_get(imgs))
     path = os.path.join(workdir, "samples", f"final_{step:07d}.png")
-    if jax.process_index() == 0:
-      save_png(path, image_grid(imgs))
-      np.save(path[:-4] + ".npy", imgs)
-    logging.info("Wrote %d samples to %s", len(imgs), path)
-    return {"step": step, "path": path, "shape": list(imgs.shape)}
+    out = write_samples(run, run.eval_params(state), rng, num, path, save_arrays=True)
+    if out is None:
+      logging.warning("Experiment %s has no sample outputs.", config.experiment)
+      return {"step": step, "path": None, "outputs": {}}
+    logging.info("Wrote samples of %d examples to %s", num, path)
+    return {"step": step, "path": path, "outputs": {k: list(np.shape(v)) for k, v in out.items()}}
   finally:
     run.close()
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def evaluate(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Dict[str, str]] = None
+             ) -> Dict[str, Any]:
   """Evaluates the latest checkpoint; writes DIR/eval_results.json; returns the results."""
-  run, state, step = _restore_latest(config, workdir)
+  run, state, step = _restore_latest(config, workdir, stages)
   try:
     rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0xE7A1)
-    res = run.experiment.evaluate(_eval_params(config, state), state.frozen, rng, workdir) or {}
+    res = run.experiment.evaluate(run.eval_params(state), run.frozen, rng, workdir) or {}
     res = {k: float(v) if np.ndim(v) == 0 and not isinstance(v, str) else v for k, v in res.items()}
     out = {"step": step, **res}
     if jax.process_index() == 0:

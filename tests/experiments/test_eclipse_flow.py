@@ -1,6 +1,6 @@
-"""End-to-end tiny runs of every ECLIPSE config: shapes CLIP -> embedding cache -> prior -> evaluation,
-the three objectives, the unCLIP decoder, the paper-scale configs' tiny variants on a local HF CLIP, and the
-diffusers-layout export of the prior."""
+"""End-to-end tiny runs of every ECLIPSE config through the stages: shapes CLIP stage -> embedding cache ->
+prior -> evaluation, the three objectives, the unCLIP decoder as a stage, the paper-scale configs' tiny
+variants on a local HF CLIP given as the stage path, and the diffusers-layout export of the prior."""
 
 import json
 import os
@@ -17,9 +17,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from configs import eclipse_kandinsky, eclipse_karlo, eclipse_prior, unclip_decoder_shapes  # noqa: E402
+from diffusion_jax import stages  # noqa: E402
 from diffusion_jax.data import clip_cache  # noqa: E402
-from diffusion_jax.experiments import eclipse  # noqa: E402
-from diffusion_jax.train.trainer import train  # noqa: E402
 
 METRICS = ("R@1", "R@5", "cosine", "binding_colour", "binding_position")
 
@@ -29,9 +28,8 @@ def shared(tmp_path_factory):
   """One tiny shapes CLIP + embedding cache + ECLIPSE prior run, shared by the tests of this file."""
   root = str(tmp_path_factory.mktemp("eclipse"))
   cfg = eclipse_prior.get_config("tiny")
-  cfg.clip.workdir = os.path.join(root, "clip")
   cfg.data.embedding_cache = os.path.join(root, "cache")
-  out = train(cfg, os.path.join(root, "eclipse"))
+  out = stages.run(cfg, os.path.join(root, "eclipse"))
   return root, cfg, out
 
 
@@ -40,8 +38,12 @@ def test_eclipse_tiny_end_to_end(shared):
   wd = os.path.join(root, "eclipse")
   assert out["step"] == cfg.train.num_steps
   for m in METRICS:
-    assert 0.0 <= out[f"eval/{m}"] <= 1.0 or m == "cosine"
-  assert os.path.exists(os.path.join(root, "clip", "hf_clip", "model.safetensors"))
+    lo = -1.0 if m == "cosine" else 0.0
+    assert lo <= out[f"eval/{m}"] <= 1.0, (m, out[f"eval/{m}"])  # fails on NaN too
+  # The CLIP stage ran in WORKDIR/clip and recorded its completion and its transformers-layout export.
+  record = stages.read_record(os.path.join(wd, "clip"))
+  assert record["complete"] and record["kind"] == "hf_clip" and record["experiment"] == "clip_pretrain"
+  assert os.path.exists(os.path.join(wd, "clip", record["export"], "model.safetensors"))
   assert clip_cache.is_complete(os.path.join(root, "cache", "train_64"))
   meta = clip_cache.load_meta(os.path.join(root, "cache", "test_32"))
   assert {"cf_colour_emb", "cf_position_emb", "objects", "null_text_emb"} <= set(meta["keys"])
@@ -52,56 +54,99 @@ def test_eclipse_tiny_end_to_end(shared):
 
 
 def test_rerun_reuses_every_stage(shared):
-  """A second run finds the CLIP export and the caches and rebuilds neither."""
+  """Resolving the stages again finds the finished CLIP stage and the caches and rebuilds neither; a changed
+  stage config is an error naming the key, unless restaged."""
+  from diffusion_jax.experiments import clip_stage
   root, cfg, _ = shared
-  clip_file = os.path.join(root, "clip", "hf_clip", "model.safetensors")
+  wd = os.path.join(root, "eclipse")
+  clip_file = os.path.join(wd, "clip", "export", "model.safetensors")
   cache_meta = os.path.join(root, "cache", "train_64", "meta.json")
   before = (os.path.getmtime(clip_file), os.path.getmtime(cache_meta))
-  clip_dir = eclipse.ensure_clip(cfg, None)
-  dirs = eclipse.ensure_caches(cfg, clip_dir, None)
-  assert clip_dir == os.path.join(root, "clip", "hf_clip") and dirs["train"] == os.path.join(root, "cache", "train_64")
+  got = stages.resolve(cfg, wd)
+  assert got == {"clip": os.path.join(wd, "clip", "export")}
+  dirs = clip_stage.embedding_caches(cfg, got["clip"], wd, ["train"])
+  assert dirs["train"] == os.path.join(root, "cache", "train_64")
   assert (os.path.getmtime(clip_file), os.path.getmtime(cache_meta)) == before
   # A different request (more examples) is not served by the old cache.
   assert not clip_cache.is_complete(dirs["train"], {"num": 10 ** 6})
+  changed = eclipse_prior.get_config("tiny")
+  changed.stages.clip.config.optim.lr = 5e-4
+  with pytest.raises(ValueError, match=r"Stage 'clip'.*optim\.lr.*--restage=clip"):
+    stages.resolve(changed, wd)
 
 
 def test_prior_export_matches_flax(shared):
+  """The exported diffusers-layout prior, loaded in diffusers' PyTorch PriorTransformer, gives the outputs of
+  the trained Flax prior (the one evaluation used) on the same inputs."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
   from diffusion_jax.pretrained import prior as prior_io
-  from diffusion_jax.train.checkpoint import Checkpointer  # noqa: F401  (the trainer's own format)
+  from diffusion_jax.train import trainer
   root, cfg, _ = shared
-  module, params, pcfg = prior_io.load_prior(os.path.join(root, "eclipse", eclipse.PRIOR_EXPORT))
+  wd = os.path.join(root, "eclipse")
+  export = os.path.join(wd, "export")
+  # The trained Flax params, from the run's own checkpoint (not from the export).
+  run, state, _ = trainer._restore_latest(cfg, wd, stages.resolve(cfg, wd, train_missing=False))
+  exp = run.experiment
+  run.close()
+  pcfg = prior_io.load_prior(export)[2]
   assert not pcfg.use_timestep and pcfg.additional_embeddings == 3
+  assert pcfg.num_embeddings == cfg.stages.clip.config.model.text.max_position_embeddings
   arr = clip_cache.load_arrays(os.path.join(root, "cache", "test_32"))
-  noise = jax.random.normal(jax.random.PRNGKey(0), (4, pcfg.embedding_dim))
-  out = module.apply({"params": params}, noise, jnp.asarray(arr["text_emb"][:4]),
-                     jnp.asarray(arr["text_hidden"][:4], jnp.float32), jnp.asarray(arr["text_mask"][:4]))
-  assert out.shape == (4, pcfg.embedding_dim) and np.all(np.isfinite(out))
-  assert pcfg.num_embeddings == cfg.clip.train.model.text.max_position_embeddings
+  noise = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, pcfg.embedding_dim)))
+  emb, hid = np.asarray(arr["text_emb"][:4]), np.asarray(arr["text_hidden"][:4], np.float32)
+  mask = np.asarray(arr["text_mask"][:4])
+  flax_out = np.asarray(exp.apply(state.params, noise, emb, hid, mask))
+  import importlib.util
+  from diffusers import PriorTransformer
+  from safetensors.torch import load_file
+  spec = importlib.util.spec_from_file_location(
+      "prior_parity", os.path.join(ROOT, "tests", "pretrained", "test_prior_pretrained.py"))
+  parity = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(parity)
+  saved = json.load(open(os.path.join(export, "config.json")))
+  ref = PriorTransformer(**{k: v for k, v in saved.items() if not k.startswith("_")}).eval()
+  missing = ref.load_state_dict(load_file(os.path.join(export, "diffusion_pytorch_model.safetensors")),
+                                strict=False).missing_keys
+  assert all(k.startswith("time_embedding.") for k in missing)  # ECLIPSE's prior has no time embedding
+  with torch.no_grad():
+    t_out = parity._eclipse_reference(ref, torch.from_numpy(noise), torch.from_numpy(emb.copy()), torch.from_numpy(hid),
+                                      torch.from_numpy(mask.astype(np.int64))).numpy()
+  assert np.abs(flax_out).max() > 1e-3
+  np.testing.assert_allclose(t_out, flax_out, atol=1e-4, rtol=1e-4)
 
 
 def test_decoder_and_diffusion_baseline_end_to_end(shared, tmp_path):
   """unCLIP decoder (tiny) on the shared cache, then the diffusion-prior baseline scored end to end."""
   root, base, _ = shared
+  clip_run = os.path.join(root, "eclipse", "clip")
   dcfg = unclip_decoder_shapes.get_config("tiny")
-  dcfg.clip.workdir, dcfg.data.embedding_cache = base.clip.workdir, base.data.embedding_cache
+  dcfg.stages.clip.path, dcfg.data.embedding_cache = clip_run, base.data.embedding_cache
   dwd = str(tmp_path / "decoder")
-  out = train(dcfg, dwd)
+  out = stages.run(dcfg, dwd)
   assert 0.0 <= out["eval/true_emb_binding"] <= 1.0
-  assert os.path.exists(os.path.join(dwd, "decoder_export", "params.safetensors"))
+  assert os.path.exists(os.path.join(dwd, "export", "params.safetensors"))
+  assert not os.path.exists(os.path.join(dwd, "clip"))  # the CLIP came from the path: nothing trained
   cfg = eclipse_prior.get_config("tiny")
-  cfg.clip.workdir, cfg.data.embedding_cache = base.clip.workdir, base.data.embedding_cache
+  cfg.stages.clip.path, cfg.data.embedding_cache = clip_run, base.data.embedding_cache
   cfg.prior.objective = "diffusion"
   cfg.prior.sample_steps = 3
-  cfg.eval.decoder_workdir = dwd
+  cfg.stages.decoder.path = dwd
   cfg.eval.num_decoded = 8
   cfg.eval.decoder_steps = 2
+  cfg.train.sample_every = cfg.train.num_steps
+  cfg.train.num_samples = 4
   pwd = tmp_path / "diffusion_prior"
-  out = train(cfg, str(pwd))
+  out = stages.run(cfg, str(pwd))
   assert all(np.isfinite(out[f"eval/{m}"]) for m in METRICS)
   for k in ("e2e_binding", "e2e_relation_accuracy", "e2e_shape_recall"):
     assert 0.0 <= out[f"eval/{k}"] <= 1.0 or np.isnan(out[f"eval/{k}"])
   assert "(diffusion)" in open(pwd / "results.md").read()
   assert os.path.exists(pwd / "samples" / "end_to_end.png")
+  # The sample sheet: the true test images next to the decoded prior samples, >= 64 px cells.
+  from PIL import Image
+  sheet = np.asarray(Image.open(pwd / "samples" / f"step_{cfg.train.num_steps:07d}.png"))
+  assert sheet.shape[0] >= 4 * 64 and sheet.shape[1] >= 2 * 64
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +172,16 @@ def test_paper_configs_tiny_with_local_hf_clip(local_hf_clip, tmp_path, mod):
   """The paper configs' code path (pretrained CLIP dir, 77-token context) on a tiny random CLIP."""
   clip_dir, cache = local_hf_clip
   cfg = mod.get_config("tiny")
-  cfg.clip.pretrained_dir = clip_dir
+  cfg.stages.clip.path = clip_dir
   cfg.data.embedding_cache = cache
-  out = train(cfg, str(tmp_path / "run"))
+  out = stages.run(cfg, str(tmp_path / "run"))
   assert out["step"] == cfg.train.num_steps and np.isfinite(out["eval/R@1"])
   assert clip_cache.load_meta(os.path.join(cache, "train_64"))["text_len"] == 77
-  assert os.path.exists(tmp_path / "run" / eclipse.PRIOR_EXPORT / "config.json")
-  cfg.clip.pretrained_dir = ""
-  with pytest.raises(ValueError, match="pretrained_dir"):
-    eclipse.ensure_clip(cfg, str(tmp_path / "run2"))
+  assert os.path.exists(tmp_path / "run" / "export" / "config.json")
+  cfg.stages.clip.path = ""
+  with pytest.raises(ValueError, match=r"Stage 'clip' needs a path.*--config\.stages\.clip\.path"):
+    stages.run(cfg, str(tmp_path / "run2"))
+  cfg.stages.clip.path = str(tmp_path)  # exists, but holds no CLIP
+  with pytest.raises(FileNotFoundError, match=r"Stage 'clip'.*model\.safetensors.*hf_clip"):
+    stages.run(cfg, str(tmp_path / "run3"))
+  assert not os.path.exists(tmp_path / "run3" / "checkpoints")

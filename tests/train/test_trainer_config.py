@@ -51,8 +51,14 @@ def test_cli_train_sample_eval(tmp_path):
   assert {"step", "loss", "steps_per_sec"} <= set(rows[0])
   r = subprocess.run(toy.main_cmd(w, mode="sample"), env=env, capture_output=True, text=True, timeout=180)
   assert r.returncode == 0, r.stderr[-3000:]
-  imgs = np.load(os.path.join(w, "samples", "final_0000002.npy"))
+  out = np.load(os.path.join(w, "samples", "final_0000002.npz"))
+  imgs = out["image"]
   assert imgs.shape == (16, 2, 2, 3) and imgs.min() >= 0 and imgs.max() <= 1
+  assert set(np.unique(out["label"])) <= {0, 1} and len(out["label"]) == 16
+  from PIL import Image
+  sheet = np.asarray(Image.open(os.path.join(w, "samples", "final_0000002.png")))
+  # one row per example (16), each cell upscaled to >= 64 px, a caption line ("label k") under each cell
+  assert sheet.shape[1] >= 64 and sheet.shape[0] >= 16 * 64
   os.remove(os.path.join(w, "eval_results.json"))
   out = trainer.evaluate(toy.toy_config(**{"mesh.num_devices": 1}), w)  # --mode eval, in-process.
   assert out["step"] == 2

@@ -1,8 +1,12 @@
 """A tiny experiment for testing the trainer: an MLP epsilon-prediction denoiser on 12-d vectors drawn from a
-fixed two-cluster mixture (each vector is also shown as a 2x2 RGB image). Registered as "toy_mlp"."""
+fixed two-cluster mixture (each vector is also shown as a 2x2 RGB image). Registered as "toy_mlp".
+
+With a stage named "teacher" (a finished toy_mlp run), the teacher's exported params are loaded as frozen
+weights and the loss adds `toy.distill` x the MSE to the teacher's prediction (a CoDi-like pattern)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import flax.linen as nn
@@ -12,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax.data.pipeline import make_pipeline
-from diffusion_jax.experiments.base import EXPERIMENTS, Experiment, ExperimentState
+from diffusion_jax.experiments.base import EXPERIMENTS, EXPORT_KINDS, Experiment, require_files
 from diffusion_jax.train.remat import maybe_remat
 
 DIM = 12
@@ -67,11 +71,17 @@ class Denoiser(nn.Module):
     return nn.Dense(DIM, dtype=self.dtype)(h).astype(jnp.float32)
 
 
+@EXPORT_KINDS.register("toy_params")
+def _check_toy_export(path):
+  require_files(path, ["params.safetensors"], "a toy_mlp export")
+
+
 @EXPERIMENTS.register("toy_mlp")
 class ToyExperiment(Experiment):
+  export_kind = "toy_params"
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, stages=None):
+    super().__init__(config, stages)
     if config.model.name != "mlp":
       from diffusion_jax.registry import check_choice
       check_choice("model", config.model.name, ["mlp"])
@@ -87,10 +97,23 @@ class ToyExperiment(Experiment):
                          batch_size=d.batch_size // shard_count, seed=seed, num_workers=d.num_workers,
                          prefetch=d.prefetch, shard_index=shard_index, shard_count=shard_count)
 
-  def init(self, rng, batch):
+  def load_frozen(self):
+    frozen = {"scale": np.full((DIM,), 0.5, np.float32)}
+    big = int(self.config.toy.get("frozen_mb", 0.0) * 2 ** 20 / 4)
+    if big:  # a large frozen array (program-size tests): used in the loss, so it cannot be pruned.
+      frozen["big"] = np.random.default_rng(0).standard_normal(big).astype(np.float32)
+    if "teacher" in self.stages:
+      from diffusion_jax.pretrained import io
+      frozen["teacher"] = io.unflatten(io.load_state_dict(os.path.join(self.stage("teacher"), "params.safetensors")))
+    return frozen
+
+  def init(self, rng, batch, frozen):
     b = batch["x"].shape[0]
-    params = self.model.init(rng, jnp.zeros((b, DIM)), jnp.zeros((b,)), jnp.zeros((b, 2)))
-    return ExperimentState(params=params, frozen={"scale": jnp.full((DIM,), 0.5, jnp.float32)})
+    return self.model.init(rng, jnp.zeros((b, DIM)), jnp.zeros((b,)), jnp.zeros((b, 2)))
+
+  def export(self, params, frozen, directory):
+    from diffusion_jax.pretrained import io
+    io.save_state_dict(io.flatten(jax.tree.map(np.asarray, params)), os.path.join(directory, "params.safetensors"))
 
   def loss(self, params, frozen, ema, batch, rng, step):
     x = batch["x"] * frozen["scale"] * 2.0
@@ -99,32 +122,42 @@ class ToyExperiment(Experiment):
     eps = jax.random.normal(k2, x.shape)
     a, s = jnp.cos(0.5 * jnp.pi * t)[:, None], jnp.sin(0.5 * jnp.pi * t)[:, None]
     assert "name" not in batch["cond"]
-    pred = self.model.apply(params, a * x + s * eps, t, batch["cond"]["onehot"])
+    xt = a * x + s * eps
+    pred = self.model.apply(params, xt, t, batch["cond"]["onehot"])
     loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - eps))
+    metrics = {}
+    if "big" in frozen:
+      loss = loss + 0.0 * jnp.mean(frozen["big"])
+    if "teacher" in frozen:
+      teacher = self.model.apply(frozen["teacher"], xt, t, batch["cond"]["onehot"])
+      metrics["distill"] = jnp.mean(jnp.square(pred - jax.lax.stop_gradient(teacher)))
+      loss = loss + float(self.config.toy.get("distill", 1.0)) * metrics["distill"]
     delay = float(self.config.toy.step_delay)
     if delay > 0:  # slows the run down so that tests can signal it mid-way.
       jax.debug.callback(lambda: time.sleep(delay))
     nan_at = self.config.toy.nan_at_step
     if nan_at >= 0:
       loss = jnp.where(step >= nan_at, jnp.nan, loss)
-    ema_gap = jnp.mean(jnp.square(jax.tree.leaves(ema[0])[0] - jax.tree.leaves(params)[0])) if ema else 0.0
-    return loss, {"mse": loss, "ema_gap": ema_gap}
+    first = next(iter(ema.values())) if ema else None
+    ema_gap = jnp.mean(jnp.square(jax.tree.leaves(first)[0] - jax.tree.leaves(params)[0])) if ema else 0.0
+    return loss, {"mse": loss, "ema_gap": ema_gap, **metrics}
 
-  def sample(self, params, frozen, rng, num):
+  def sample(self, params, frozen, batch, rng):
+    num = len(batch["x"])
     x = jax.random.normal(rng, (num, DIM))
-    onehot = jnp.eye(2)[jnp.arange(num) % 2]
+    onehot = jnp.asarray(batch["cond"]["onehot"])
     for t in (1.0, 0.5):
       tt = jnp.full((num,), t)
       eps = self.model.apply(params, x, tt, onehot)
       a, s = jnp.cos(0.5 * jnp.pi * t), jnp.sin(0.5 * jnp.pi * t)
       x0 = (x - s * eps) / jnp.maximum(a, 1e-3)
       x = x0 if t == 0.5 else jnp.cos(0.25 * jnp.pi) * x0 + jnp.sin(0.25 * jnp.pi) * eps
-    return np.asarray(jax.nn.sigmoid(x)).reshape(num, 2, 2, 3)
+    return {"image": np.asarray(jax.nn.sigmoid(x)).reshape(num, 2, 2, 3), "label": np.asarray(batch["label"])}
 
   def evaluate(self, params, frozen, rng, workdir):
     ex = [add_one_hot(ToySource(8)[i]) for i in range(8)]
     batch = {"x": np.stack([e["x"] for e in ex]), "cond": {"onehot": np.stack([e["cond"]["onehot"] for e in ex])}}
-    loss, _ = self.loss(params, frozen, (), batch, rng, 0)
+    loss, _ = self.loss(params, frozen, {}, batch, rng, 0)
     return {"eval_loss": float(loss), "num": 8}
 
 
@@ -147,9 +180,10 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
   c.train.num_steps = 8
   c.train.log_every = 1
   c.train.ckpt_every = 4
-  c.train.ema_decays = (0.9, 0.99)
+  c.train.ema = ml_collections.ConfigDict({"ema": 0.9, "slow": 0.99})
+  c.train.sample_with = "ema"
   c.train.progress_bar = False
-  c.toy = ml_collections.ConfigDict({"nan_at_step": -1, "step_delay": 0.0})
+  c.toy = ml_collections.ConfigDict({"nan_at_step": -1, "step_delay": 0.0, "frozen_mb": 0.0, "distill": 1.0})
   for k, v in overrides.items():
     node = c
     parts = k.split(".")
