@@ -400,7 +400,6 @@ class GenerationExperiment(Experiment):
     bs = int(_get(ec, "batch_size", 128))
     labels = (np.arange(n) % self.num_classes).astype(np.int32) if self.num_classes else None
     imgs = []
-    bs = min(bs, n)
     for i, start in enumerate(range(0, n, bs)):
       k = min(bs, n - start)
       lab = None

@@ -185,3 +185,23 @@ def test_paper_configs_tiny_with_local_hf_clip(local_hf_clip, tmp_path, mod):
   with pytest.raises(FileNotFoundError, match=r"Stage 'clip'.*model\.safetensors.*hf_clip"):
     stages.run(cfg, str(tmp_path / "run3"))
   assert not os.path.exists(tmp_path / "run3" / "checkpoints")
+
+
+def test_eclipse_evaluate_and_sample_compile_nothing_the_second_time(shared, compiles, tmp_path):
+  from diffusion_jax.train import trainer
+  root, cfg, _ = shared
+  wd = os.path.join(root, "eclipse")
+  run, state, _ = trainer._restore_latest(cfg, wd, stages.resolve(cfg, wd, train_missing=False))
+  try:
+    exp = run.experiment
+    first = exp.evaluate(state.params, run.frozen, jax.random.PRNGKey(0), str(tmp_path))
+    with compiles() as c:
+      again = exp.evaluate(state.params, run.frozen, jax.random.PRNGKey(0), str(tmp_path))
+    assert c.count == 0 and again["R@1"] == first["R@1"]
+    batch = run.sample_batch(4)
+    exp.sample(state.params, run.frozen, batch, jax.random.PRNGKey(1))
+    with compiles() as c:
+      out = exp.sample(state.params, run.frozen, batch, jax.random.PRNGKey(1))
+    assert c.count == 0 and out["image_emb"].shape == (4, exp.embed_dim)
+  finally:
+    run.close()

@@ -18,8 +18,51 @@ def test_tiny_latent_config_trains_and_evaluates(tmp_path):
   cfg = importlib.import_module("configs.diffit_imagenet256").get_config("tiny")
   out = train(cfg, str(tmp_path))
   assert out["step"] == cfg.train.num_steps and np.isfinite(out["loss"])
-  assert 0.0 <= out["eval/class_accuracy"] <= 1.0
+  assert out["eval/num_samples"] == cfg.eval.num_samples
+  assert 0.0 <= out["eval/class_accuracy"] <= 1.0  # a barely trained model; the value is tested below
   assert np.isfinite(out["eval/frechet_distance"]) and out["eval/frechet_distance"] > 0
+
+
+def _known_generator(exp, shift: int):
+  """A stand-in for the sampler that returns real test images of class (label + shift) % K."""
+  src = exp._source("test", 0)
+  bank = {}
+  for i in range(len(src)):
+    ex = src[i]
+    bank.setdefault(int(ex["label"]), np.asarray(ex["image"], np.float32) / 127.5 - 1.0)
+    if len(bank) == exp.num_classes:
+      break
+
+  def generate(params, frozen, rng, labels=None, num=None, **kw):
+    return jnp.asarray(np.stack([bank[(int(l) + shift) % exp.num_classes] for l in labels]))
+  return generate, bank
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_evaluate_scores_a_known_generator(shift, monkeypatch, tmp_path):
+  """evaluate() on a generator whose output is known: real images of the asked class give class / colour /
+  shape accuracy 1 exactly; images of the next class (same shape, next colour) give class and colour
+  accuracy 0 and shape accuracy 1 for all but the colour wrap-around."""
+  cfg = importlib.import_module("configs.diffit_shapes").get_config("tiny")
+  cfg.data.num_test = 2000
+  cfg.eval.num_samples = 70
+  cfg.eval.batch_size = 32   # 70 = 32 + 32 + 6: the last batch is padded
+  cfg.eval.fid_feature = "none"
+  exp = get_experiment(cfg)
+  generate, bank = _known_generator(exp, shift)
+  labels = np.arange(cfg.eval.num_samples) % exp.num_classes
+  missing = sorted(set(labels) - set(bank))
+  assert not missing, f"test split lacks classes {missing}"
+  monkeypatch.setattr(exp, "generate", generate)
+  out = exp.evaluate(None, {}, jax.random.key(0), str(tmp_path))
+  assert out["num_samples"] == 70
+  if shift == 0:
+    assert (out["class_accuracy"], out["colour_accuracy"], out["shape_accuracy"]) == (1.0, 1.0, 1.0)
+  else:
+    ncol = 7
+    wrap = np.mean(labels % ncol == ncol - 1)  # the next class of a last colour is the next shape
+    assert out["class_accuracy"] == 0.0 and out["colour_accuracy"] == 0.0
+    assert out["shape_accuracy"] == pytest.approx(1.0 - wrap)
 
 
 @pytest.mark.parametrize("name", ["diffit_shapes", "diffit_cifar10", "diffit_ffhq64", "diffit_imagenet512",
@@ -29,8 +72,8 @@ def test_other_tiny_configs_build_and_trace(name):
   cfg = importlib.import_module(f"configs.{name}").get_config("tiny")
   exp = get_experiment(cfg)
   batch = next(iter(exp.make_dataset("train", seed=0)))
-  params = jax.eval_shape(lambda r, b: exp.init(r, b).params, jax.random.key(0), batch)
-  loss, metrics = jax.eval_shape(exp.loss, params, {}, (), batch, jax.random.key(1), 0)
+  params = jax.eval_shape(lambda r, b: exp.init(r, b, exp.load_frozen()), jax.random.key(0), batch)
+  loss, metrics = jax.eval_shape(exp.loss, params, {}, {}, batch, jax.random.key(1), 0)
   assert loss.shape == () and "mse" in metrics
   y = jnp.arange(2) % max(1, exp.num_classes) if exp.num_classes else None
   x = jax.eval_shape(lambda p, r: exp.sample_latents(p, r, labels=y, num=2), params, jax.random.key(2))
@@ -40,7 +83,7 @@ def test_other_tiny_configs_build_and_trace(name):
 def test_paper_configs_hyperparameters():
   c = importlib.import_module("configs.diffit_imagenet256").get_config()
   assert (c.model.depth, c.model.hidden_size, c.model.num_heads, c.model.patch_size) == (28, 1152, 16, 2)
-  assert (c.optim.lr, c.data.batch_size, c.train.ema_decays) == (3e-4, 256, (0.9999,))
+  assert (c.optim.lr, c.data.batch_size, dict(c.train.ema), c.train.sample_with) == (3e-4, 256, {"ema": 0.9999}, "ema")
   assert (c.sample.guidance_schedule, c.sample.guidance_channels, c.sample.num_steps) == ("power_cosine", 3, 250)
   c = importlib.import_module("configs.diffit_imagenet512").get_config()
   assert (c.model.input_size, c.optim.lr, c.data.batch_size) == (64, 1e-4, 512)
