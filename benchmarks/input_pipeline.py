@@ -50,16 +50,9 @@ def step_time_ratio(config_spec: str, steps: int, workers: int | None):
   config = load_config(config_spec, overrides)
   import tempfile
   run = trainer._Run(config, tempfile.mkdtemp(prefix="bench_"))
-  state = run.init_state()
-  frozen = state.frozen
-  dyn = state.replace(frozen={})
-  dsh = run.state_shardings.replace(frozen={})
-  fn = trainer._make_step(run.experiment, run.tx, run.schedule, run.ema_decays, int(config.optim.get("grad_accum", 1)))
-  jitted = jax.jit(fn, in_shardings=(dsh, run.state_shardings.frozen, run.batch_shardings),
-                   out_shardings=(dsh, run.repl), donate_argnums=(0,))
-  with jax.set_mesh(run.mesh):
-    compiled = jitted.lower(run.abstract_state.replace(frozen={}), run.abstract_state.frozen,
-                            run.abstract_batch).compile()
+  dyn = run.init_state()
+  frozen = run.frozen
+  compiled = run.lower_step().compile()  # the trainer's own step: (state, frozen, batch) -> (state, metrics)
   fixed = run.to_device(run.first_batch)
 
   def timed(real: bool):

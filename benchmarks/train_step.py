@@ -173,13 +173,13 @@ def main(argv=None):
     mom = np.concatenate([rng.randn(b, *shape), np.full((b, *shape), -30.0)], -1)
     batch = {"moments": jnp.asarray(mom, jnp.float32)}
   batch["label"] = jnp.asarray(rng.randint(0, max(1, exp.num_classes), b), jnp.int32)
-  params = exp.init(jax.random.key(0), batch).params
+  params = jax.jit(exp.init)(jax.random.key(0), batch, {})
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   tx = optax.adamw(1e-4)
   opt = tx.init(params)
 
   def step(params, opt, batch, rng):
-    (loss, _), g = jax.value_and_grad(lambda p: exp.loss(p, {}, (), batch, rng, 0), has_aux=True)(params)
+    (loss, _), g = jax.value_and_grad(lambda p: exp.loss(p, {}, {}, batch, rng, 0), has_aux=True)(params)
     upd, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, upd), opt, loss
 

@@ -45,6 +45,7 @@ OPERATIONAL_KEYS = ("train.progress_bar", "train.log_every", "train.async_ckpt",
                     "train.ckpt_every", "train.sample_every", "train.num_samples", "data.num_workers",
                     "data.prefetch", "mesh.")
 MODES = ("train", "sample", "eval")
+RESERVED = ("checkpoints", "samples", "export", "cache")  # what a run writes into its own WORKDIR
 
 
 class StageInterrupted(Exception):
@@ -97,6 +98,9 @@ def specs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     return {}
   out = {}
   for name, spec in st.items():
+    if name in RESERVED or not name.replace("_", "").isalnum():
+      raise ValueError(f"config.stages.{name}: a stage name must be a plain identifier and not one of "
+                       f"{', '.join(RESERVED)} (its run goes to WORKDIR/<name>).")
     if not hasattr(spec, "get") or not set(spec.keys()) <= {"config", "path", "kind", "optional"}:
       bad = sorted(set(spec.keys()) - {"config", "path", "kind", "optional"}) if hasattr(spec, "keys") else spec
       raise ValueError(f"config.stages.{name} must be a dict with keys config / path / kind / optional; got "

@@ -1,8 +1,9 @@
 """The one generic trainer (see trainer.py). Public API:
 
-  train(config, workdir) -> dict        run or resume training
-  sample(config, workdir) -> dict       images from the latest checkpoint
-  evaluate(config, workdir) -> dict     evaluation of the latest checkpoint
+  train(config, workdir, stages=None) -> dict      run or resume training (stages: name -> export dir;
+                                                   `diffusion_jax.stages.run` resolves and trains them)
+  sample(config, workdir, num, stages) -> dict     sample sheet + arrays from the latest checkpoint
+  evaluate(config, workdir, stages) -> dict        evaluation of the latest checkpoint
   TrainState                            the checkpointed state layout
   remat_policy(name), maybe_remat(cls, name)   activation checkpointing from config.remat
   load_config("file.py:arg", overrides)        config files outside absl (tests, notebooks)

@@ -52,7 +52,8 @@ def test_paper_hyper_parameters():
     assert (c.model.num_layers, c.model.num_attention_heads, c.model.attention_head_dim) == (10, 16, 32)
     assert c.optim.lr == 5e-5 and c.data.batch_size == 1024 and c.train.num_steps == 60000
     assert c.optim.schedule == "cosine_restarts" and c.prior.lam == 0.2 and c.prior.objective == "eclipse"
-    assert c.clip.require_pretrained
+    # The CLIP can only come from outside: a stage with no run to train, checked as a transformers CLIP.
+    assert not c.stages.clip.config and c.stages.clip.path == "" and c.stages.clip.kind == "hf_clip"
 
 
 def test_diffusion_baseline_adds_time_embedding():
