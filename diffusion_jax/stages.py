@@ -39,6 +39,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import ml_collections
 from absl import logging
 
+from diffusion_jax.train.config_loading import flatten
+
 STAGE_RECORD = "stage.json"
 # Keys that change how a run is executed or logged, not what it trains.
 OPERATIONAL_KEYS = ("train.progress_bar", "train.log_every", "train.async_ckpt", "train.keep_ckpts",
@@ -56,19 +58,9 @@ class StageInterrupted(Exception):
     self.name, self.result = name, result
 
 
-def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
-  out: Dict[str, Any] = {}
-  if isinstance(d, dict):
-    for k, v in d.items():
-      out.update(_flat(v, f"{prefix}{k}."))
-  else:
-    out[prefix[:-1]] = d
-  return out
-
-
 def config_fingerprint(config: ml_collections.ConfigDict) -> Tuple[str, Dict[str, Any]]:
   """(sha256 hex of the config's JSON without `OPERATIONAL_KEYS`, the flat dict it was computed from)."""
-  flat = _flat(json.loads(config.to_json_best_effort()))
+  flat = flatten(json.loads(config.to_json_best_effort()))
   kept = {k: v for k, v in flat.items()
           if not any(k == op or (op.endswith(".") and k.startswith(op)) for op in OPERATIONAL_KEYS)}
   text = json.dumps(kept, sort_keys=True, default=str)

@@ -2,7 +2,7 @@
 
 import importlib
 
-_MODULES = ("generation", "eclipse", "clip_pretrain", "unclip_decoder", "codi", "prompt_diffusion",
+_MODULES = ("generation", "eclipse", "clip_pretrain", "unclip_decoder", "text_to_image", "codi", "prompt_diffusion",
             "mt_diffusion")
 
 

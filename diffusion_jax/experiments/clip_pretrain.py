@@ -14,9 +14,7 @@ stage hands on. `evaluate` reports image<->text retrieval on held-out pairs.
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp

@@ -17,9 +17,8 @@ for end-to-end unCLIP); `export` writes the decoder (`params.safetensors` + `con
 from __future__ import annotations
 
 import functools
-import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp

@@ -10,6 +10,17 @@ from typing import Any, Dict, Optional
 import ml_collections
 
 
+def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+  """A nested dict (a config's JSON) -> {"a.b.c": leaf}."""
+  out: Dict[str, Any] = {}
+  if isinstance(d, dict):
+    for k, v in d.items():
+      out.update(flatten(v, f"{prefix}{k}."))
+  else:
+    out[prefix[:-1]] = d
+  return out
+
+
 def _repo_root_for(path: str) -> str:
   return os.path.dirname(os.path.dirname(os.path.abspath(path)))
 

@@ -51,6 +51,7 @@ from diffusion_jax.experiments.base import Experiment, get_experiment
 from diffusion_jax.registry import check_choice
 from diffusion_jax.train import mesh as mesh_lib
 from diffusion_jax.train.checkpoint import Checkpointer
+from diffusion_jax.train.config_loading import flatten
 from diffusion_jax.train.metrics import Accumulator, MetricWriter, sample_sheet, save_png
 from diffusion_jax.train.optim import OPTIMIZERS, SCHEDULES, check_groups, make_optimizer
 from diffusion_jax.train.remat import REMAT_POLICIES
@@ -540,7 +541,7 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   latest = ckpt.latest_step()
   first_batch = run.first_batch
   if latest is not None:
-    saved_flat, cur_flat = _flat(ckpt.read_config(latest)), _flat(config_dict)
+    saved_flat, cur_flat = flatten(ckpt.read_config(latest)), flatten(config_dict)
     diff = sorted(k for k in set(saved_flat) | set(cur_flat) if saved_flat.get(k) != cur_flat.get(k))
     state, _ = ckpt.restore(latest, run.abstract_state, run.iterator, config_diff=diff)
     first_batch = None  # the iterator now points at the batch after `latest`.
@@ -674,16 +675,6 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
     do_sample(step)
   writer.flush()
   return {**last_metrics, **results, "step": step, "preempted": False, "export": exported}
-
-
-def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  if isinstance(d, dict):
-    for k, v in d.items():
-      out.update(_flat(v, f"{prefix}{k}."))
-  else:
-    out[prefix[:-1]] = d
-  return out
 
 
 # ------------------------------------------------------------------------------------------------ modes

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -23,13 +22,7 @@ def _distill(**overrides):
   c = toy_config.get_config("distill")
   c.mesh.num_devices = 1
   c.stages.teacher.config.mesh.num_devices = 1
-  for k, v in overrides.items():
-    node = c
-    parts = k.split(".")
-    for p in parts[:-1]:
-      node = node[p]
-    node[parts[-1]] = v
-  return c
+  return toy.set_keys(c, overrides)
 
 
 def _cmd(workdir, *overrides, mode="train", extra=()):
@@ -45,10 +38,7 @@ def test_kill_inside_a_stage_then_rerun_resumes_it(tmp_path):
   proc = subprocess.Popen(_cmd(wd, slow), env=toy.subprocess_env(1), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   try:
-    t0 = time.time()
-    while time.time() - t0 < 120 and 2 not in toy.finished_checkpoints(teacher) and proc.poll() is None:
-      time.sleep(0.1)
-    assert 2 in toy.finished_checkpoints(teacher), "the teacher stage saved no checkpoint"
+    assert toy.wait_for(lambda: 2 in toy.finished_checkpoints(teacher), proc), "the teacher saved no checkpoint"
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)

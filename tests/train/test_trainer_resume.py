@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import time
 
 import jax
 import numpy as np
@@ -15,15 +14,7 @@ from diffusion_jax.train import trainer
 DETERMINISTIC = ("loss", "mse", "grad_norm", "ema_gap", "lr")
 
 
-def _wait_for(pred, proc, timeout=120.0):
-  t0 = time.time()
-  while time.time() - t0 < timeout:
-    if pred():
-      return True
-    if proc.poll() is not None:
-      return pred()
-    time.sleep(0.1)
-  return False
+_wait_for = toy.wait_for
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):

@@ -184,6 +184,11 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
   c.train.sample_with = "ema"
   c.train.progress_bar = False
   c.toy = ml_collections.ConfigDict({"nan_at_step": -1, "step_delay": 0.0, "frozen_mb": 0.0, "distill": 1.0})
+  return set_keys(c, overrides)
+
+
+def set_keys(c, overrides):
+  """Sets dotted keys ("train.num_steps") of config `c` in place; returns `c`."""
   for k, v in overrides.items():
     node = c
     parts = k.split(".")
@@ -191,6 +196,19 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
       node = node[p]
     node[parts[-1]] = v
   return c
+
+
+def wait_for(pred, proc, timeout=120.0):
+  """Polls `pred()` until it holds, the process `proc` ends or `timeout` seconds pass; returns pred()."""
+  import time as _time
+  t0 = _time.time()
+  while _time.time() - t0 < timeout:
+    if pred():
+      return True
+    if proc.poll() is not None:
+      return pred()
+    _time.sleep(0.1)
+  return False
 
 
 # ------------------------------------------------------------------------------------------- test helpers
