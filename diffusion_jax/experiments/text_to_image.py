@@ -131,9 +131,8 @@ def _config_schedule(dc) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------- tokenizer
 
 
-def _pad_token_id(tok_dir: str, default: int) -> int:
-  """The pad id a transformers tokenizer directory names (49407 "<|endoftext|>" for SD-1, 0 "!" for SD-2)."""
-  name = None
+def _pad_token_name(tok_dir: str) -> Optional[str]:
+  """The pad token a transformers tokenizer directory names ("<|endoftext|>" for SD-1, "!" for SD-2)."""
   for f in ("special_tokens_map.json", "tokenizer_config.json"):
     p = os.path.join(tok_dir, f)
     if os.path.exists(p):
@@ -142,27 +141,30 @@ def _pad_token_id(tok_dir: str, default: int) -> int:
       if isinstance(v, dict):
         v = v.get("content")
       if v:
-        name = v
-        break
-  if name is None:
-    return default
-  with open(os.path.join(tok_dir, "vocab.json")) as fh:
-    vocab = json.load(fh)
-  if name not in vocab:
-    raise ValueError(f"Tokenizer {tok_dir}: pad_token {name!r} is not in its vocab.json.")
-  return int(vocab[name])
+        return str(v)
+  return None
 
 
 def load_tokenizer(tok_dir: Optional[str], max_length: int):
+  """The CLIP tokenizer of a transformers tokenizer directory (vocab.json + merges.txt, or tokenizer.json),
+  padding with the id of its pad token, like the pipeline's; else the packaged CLIP vocabulary."""
   from diffusion_jax.data import clip_cache
   from diffusion_jax.data import tokenizer as tok_lib
-  if tok_dir and os.path.exists(os.path.join(tok_dir, "vocab.json")):
-    pad = _pad_token_id(tok_dir, tok_lib.EOS_ID)
-    return clip_cache.WordCachedTokenizer(tok_lib.CLIPTokenizer(tok_dir, max_length, pad_token_id=pad))
+  if tok_dir and any(os.path.exists(os.path.join(tok_dir, f)) for f in ("vocab.json", "tokenizer.json")):
+    tok = tok_lib.CLIPTokenizer(tok_dir, max_length)
+    name = _pad_token_name(tok_dir)
+    if name is not None:
+      pad = tok._tok.convert_tokens_to_ids(name)
+      if pad is None or (pad == tok._tok.unk_token_id and name != tok._tok.unk_token):
+        raise ValueError(f"Tokenizer {tok_dir}: pad_token {name!r} is not in its vocabulary.")
+      tok.pad_token_id = int(pad)
+    return clip_cache.WordCachedTokenizer(tok)
   return clip_cache.load_tokenizer(tok_dir or "")
 
 
 # ------------------------------------------------------------------------------------------- networks
+
+_SAMPLE_FNS: Dict[Any, Any] = {}
 
 
 def _text_states(module, params, ids):
@@ -256,7 +258,6 @@ class TextToImageExperiment(Experiment):
     self._unet_module = None
     self._unet_config = None
     self._dirs: Dict[str, str] = {}
-    self._sample_fns: Dict[Any, Any] = {}
 
   # -- host-side pieces ------------------------------------------------------------------------------
 
@@ -506,11 +507,13 @@ class TextToImageExperiment(Experiment):
 
   def sample_fn(self, sampler: str, steps: int, guided: bool, eta: float = 0.0):
     """The jitted `(unet_params, frozen, ids, x_T, guidance, rng) -> images [B, H, W, 3] in [0, 1]`."""
-    key = (sampler, int(steps), bool(guided), float(eta))
-    if key in self._sample_fns:
-      return self._sample_fns[key]
     from diffusion_jax.core import samplers
     sched_settings, opts = self.schedule_settings(sampler)
+    # One compiled function per network / schedule / sampler setting, shared by every experiment instance.
+    key = (self.host.text_module, self.unet, self.host.vae_config, sampler, int(steps), bool(guided), float(eta),
+           json.dumps(sched_settings, sort_keys=True), json.dumps(dict(opts), sort_keys=True, default=str))
+    if key in _SAMPLE_FNS:
+      return _SAMPLE_FNS[key]
     schedule = make_schedule_from(sched_settings)
     pt = sched_settings["prediction_type"]
     if sampler == "ddim" and eta:
@@ -533,8 +536,8 @@ class TextToImageExperiment(Experiment):
         x = decode_latents(frozen["vae"], vae_cfg, x.astype(dtype), dtype=dtype)
       return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
-    self._sample_fns[key] = jax.jit(fn)
-    return self._sample_fns[key]
+    _SAMPLE_FNS[key] = jax.jit(fn)
+    return _SAMPLE_FNS[key]
 
   def sample_images(self, params, frozen, ids, rng, *, x_T=None, sampler: Optional[str] = None,
                     steps: Optional[int] = None, guidance: Optional[float] = None, eta: Optional[float] = None):
@@ -603,9 +606,9 @@ def export_pipeline(exp: TextToImageExperiment, params, directory: str) -> None:
   else:
     import transformers
     from diffusion_jax.data import tokenizer as tok_lib
-    tok_lib.write_tokenizer_files(tok_out)
-    t = transformers.CLIPTokenizer(vocab_file=os.path.join(tok_out, "vocab.json"),
-                                   merges_file=os.path.join(tok_out, "merges.txt"), model_max_length=h.max_length)
+    vocab, merges = tok_lib.clip_vocab_and_merges()
+    t = transformers.CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=h.max_length,
+                                   pad_token=tok_lib.EOS)
     t.save_pretrained(tok_out)
   sched, _ = exp.schedule_settings("ddim")
   if h.scheduler_config is not None:
@@ -655,3 +658,52 @@ class _CacheSource:
       x = np.asarray(v[int(index)])
       out[k] = x.astype(np.float32) if x.dtype == np.float16 else x
     return out
+
+
+def sample_to_dir(config: ml_collections.ConfigDict, stages: Dict[str, str], out_dir: str,
+                  num: Optional[int] = None, params=None) -> Dict[str, Any]:
+  """Samples the test split's captions (the prompts of a "prompts" config) with the pipeline's own UNet (or
+  `params`) without a checkpoint: `out_dir/<i>.png` per image, `out_dir/samples.npz` (images float [0, 1],
+  token ids, initial noise) and `out_dir/prompts.json`. Used by `scripts/sd_sample.py`."""
+  from diffusion_jax.images import save_png
+  exp = get_text_to_image(config, stages)
+  exp.workdir = out_dir
+  os.makedirs(out_dir, exist_ok=True)
+  frozen = jax.tree.map(jnp.asarray, exp.load_frozen())
+  if params is None:
+    params = exp.load_params(None)
+    if params is None:
+      raise ValueError("sample_to_dir without params needs a pipeline stage whose UNet it samples "
+                       "(config.stages.pipeline.path) and config.model.unet empty.")
+  params = jax.tree.map(jnp.asarray, params)
+  src = _CacheSource(exp.cache("test"))
+  with open(os.path.join(exp.cache("test"), "captions.json")) as fh:
+    captions = json.load(fh)
+  n = min(int(num or len(src)), len(src))
+  bs = min(int(config.data.batch_size), n)
+  rng = jax.random.PRNGKey(int(config.seed))
+  images, noises = [], []
+  ids_all = np.asarray(src.arrays()["ids"][:n])
+  for i, start in enumerate(range(0, n, bs)):
+    ids = ids_all[start:start + bs]
+    k = len(ids)
+    if k < bs:
+      ids = np.concatenate([ids, np.repeat(ids[-1:], bs - k, 0)])
+    key = jax.random.fold_in(rng, i)
+    x_T = jax.random.normal(key, (bs,) + exp.latent_shape, jnp.float32)
+    images.append(np.asarray(exp.sample_images(params, frozen, ids, key, x_T=x_T))[:k])
+    noises.append(np.asarray(x_T)[:k])
+  images = np.concatenate(images)
+  for j, im in enumerate(images):
+    save_png(os.path.join(out_dir, f"{j:04d}.png"), np.round(im * 255).astype(np.uint8))
+  np.savez(os.path.join(out_dir, "samples.npz"), image=images, ids=ids_all, x_T=np.concatenate(noises))
+  with open(os.path.join(out_dir, "prompts.json"), "w") as fh:
+    json.dump(captions[:n], fh, indent=1)
+  return {"num": n, "dir": out_dir, "shape": list(images.shape)}
+
+
+def get_text_to_image(config, stages) -> TextToImageExperiment:
+  if config.experiment != "text_to_image":
+    raise ValueError(f"config.experiment is {config.experiment!r}; this needs a text_to_image config "
+                     "(configs/sd15.py, configs/sd21.py, configs/sd_shapes.py).")
+  return TextToImageExperiment(config, stages=stages)

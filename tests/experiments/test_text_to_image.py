@@ -1,0 +1,213 @@
+"""text_to_image: the tiny shapes config through the stages (CLIP stage -> cache -> UNet -> parser evaluation ->
+diffusers-layout export loaded back by diffusers), the SD-1.5 / SD-2.1 configs' tiny variants on a tiny random
+pipeline (fine-tuning with cached latents, sampling to PNG + npz), the loss against a hand-written reference,
+the paper-scale parameter counts, and the errors on bad input."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+for p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
+  if p not in sys.path:
+    sys.path.insert(0, p)
+
+from configs import sd15, sd21, sd_shapes  # noqa: E402
+from diffusion_jax import stages  # noqa: E402
+from diffusion_jax.experiments import text_to_image as T  # noqa: E402
+from diffusion_jax.experiments.base import get_experiment  # noqa: E402
+
+PARSER_KEYS = ("class_accuracy", "binding", "shape_recall", "colour_recall", "count_accuracy")
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("sd_shapes"))
+  cfg = sd_shapes.get_config("tiny")
+  out = stages.run(cfg, wd)
+  return wd, cfg, out
+
+
+def test_sd_shapes_tiny_end_to_end(shapes_run):
+  wd, cfg, out = shapes_run
+  assert out["step"] == cfg.train.num_steps and np.isfinite(out["loss"])
+  for tag in ("", "nocfg_"):
+    for k in PARSER_KEYS:
+      v = out[f"eval/{tag}{k}"]
+      assert 0.0 <= v <= 1.0, (tag, k, v)  # fails on NaN too
+  rec = stages.read_record(os.path.join(wd, "clip"))
+  assert rec["complete"] and rec["kind"] == "hf_clip"
+  meta = json.load(open(os.path.join(wd, "cache", "t2i_train_32", "meta.json")))
+  assert meta["complete"] and {"ids", "image", "objects", "text_hidden"} <= set(meta["keys"])
+  assert meta["num"] == cfg.data.num_train
+  T.check_sd_pipeline(out["export"])
+
+
+def test_export_loads_in_diffusers_and_matches(shapes_run):
+  """The exported unet/ is a diffusers UNet2DConditionModel giving our UNet's output; the exported
+  text_encoder/ is a transformers CLIPTextModel giving the cached text states."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  transformers = pytest.importorskip("transformers")
+  from diffusion_jax.models.unet import UNet2DConditionModel
+  from diffusion_jax.pretrained import diffusers_io
+  wd, cfg, out = shapes_run
+  ucfg, params = diffusers_io.load_unet(out["export"])
+  ref = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(out["export"], "unet")).eval()
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+  ctx = rng.standard_normal((2, 24, ucfg.cross_attention_dim)).astype(np.float32)
+  t = np.array([10.0, 700.0], np.float32)
+  ours = np.asarray(UNet2DConditionModel(ucfg).apply({"params": params}, x, t, ctx))
+  with torch.no_grad():
+    theirs = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(ctx)).sample
+  np.testing.assert_allclose(ours, theirs.numpy().transpose(0, 2, 3, 1), atol=2e-5)
+  assert np.abs(ours).max() > 1e-3
+  te = transformers.CLIPTextModel.from_pretrained(os.path.join(out["export"], "text_encoder")).eval()
+  cache = os.path.join(wd, "cache", "t2i_test_8")
+  ids = np.load(os.path.join(cache, "ids.npy"))[:2]
+  with torch.no_grad():
+    hs = te(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+  np.testing.assert_allclose(hs, np.load(os.path.join(cache, "text_hidden.npy"))[:2].astype(np.float32), atol=2e-2)
+
+
+def test_sample_compiles_once(shapes_run, compiles):
+  wd, cfg, _ = shapes_run
+  exp = get_experiment(cfg, stages={"clip": os.path.join(wd, "clip", "export")})
+  exp.workdir = wd
+  frozen = exp.load_frozen()
+  params = exp.init(jax.random.PRNGKey(0), None, frozen)
+  batch = {"ids": exp.host.tokenize(["a red circle", "a blue square", "a green triangle", "a red square"])}
+  exp.sample(params, frozen, batch, jax.random.PRNGKey(0))  # compiles here (params placed unlike the trainer's)
+  batch = {"ids": exp.host.tokenize(["a small blue circle", "a red square", "a circle", "a green square"])}
+  with compiles() as c:
+    a = exp.sample(params, frozen, batch, jax.random.PRNGKey(1))["image"]
+    b = exp.sample(params, frozen, batch, jax.random.PRNGKey(1))["image"]
+  assert c.count == 0
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (4, 16, 16, 3) and 0.0 <= a.min() and a.max() <= 1.0
+
+
+def test_loss_matches_reference(shapes_run):
+  """The loss is the per-example MSE of the UNet's prediction against eps (SD-1) or v (SD-2), with the
+  dropped captions' states replaced by the empty caption's."""
+  wd, cfg, _ = shapes_run
+  for pt in ("epsilon", "v_prediction"):
+    c = sd_shapes.get_config("tiny")
+    c.diffusion.prediction_type = pt
+    c.data.caption_drop = 0.5
+    exp = get_experiment(c, stages={"clip": os.path.join(wd, "clip", "export")})
+    frozen = exp.load_frozen()
+    params = exp.init(jax.random.PRNGKey(0), None, frozen)
+    r = np.random.default_rng(1)
+    batch = {"ids": exp.host.tokenize(["a red circle", "a blue square", "a green triangle", "a small red square"]),
+             "image": r.integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)}
+    rng = jax.random.PRNGKey(3)
+    loss, aux = exp.loss(params, frozen, {}, batch, rng, 0)
+    # the reference, written out with the same random draws
+    k_drop, _, k_loss = jax.random.split(rng, 3)
+    drop = np.asarray(jax.random.bernoulli(k_drop, 0.5, (4,)))
+    ids = np.where(drop[:, None], frozen["null_ids"], batch["ids"])
+    ctx = exp.host.encode(ids)
+    kt, kn = jax.random.split(k_loss)
+    t = np.asarray(jax.random.randint(kt, (4,), 0, 1000))
+    noise = np.asarray(jax.random.normal(kn, (4, 16, 16, 3)))
+    x0 = batch["image"].astype(np.float32) / 127.5 - 1.0
+    ac = np.asarray(exp.schedule.alphas_cumprod, np.float64)[t][:, None, None, None]
+    xt = np.sqrt(ac) * x0 + np.sqrt(1 - ac) * noise
+    target = noise if pt == "epsilon" else np.sqrt(ac) * noise - np.sqrt(1 - ac) * x0
+    pred = np.asarray(exp.unet.apply({"params": params}, jnp.asarray(xt, jnp.float32), jnp.asarray(t, jnp.float32),
+                                     jnp.asarray(ctx)))
+    want = np.mean((pred - target) ** 2)
+    assert 0 < drop.sum() < 4
+    np.testing.assert_allclose(float(loss), want, rtol=2e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  import sd_testlib
+  d = str(tmp_path_factory.mktemp("pipe_v"))
+  return sd_testlib.make_tiny_pipeline(d, prediction_type="v_prediction", sd2=True)
+
+
+def _image_folder(root):
+  from PIL import Image
+  os.makedirs(root, exist_ok=True)
+  r = np.random.default_rng(0)
+  with open(os.path.join(root, "captions.jsonl"), "w") as f:
+    for i in range(6):
+      Image.fromarray(r.integers(0, 256, (20, 24, 3)).astype(np.uint8)).save(os.path.join(root, f"{i}.png"))
+      f.write(json.dumps({"file": f"{i}.png", "caption": f"picture number {i}"}) + "\n")
+  return root
+
+
+def test_sd21_tiny_finetune_and_sample(tiny_pipe, tmp_path):
+  """sd21:tiny_finetune on a captioned folder: latents and text states cached once, VAE / text encoder frozen,
+  the pipeline's UNet as the initial params, v-prediction; then its export sampled by scripts/sd_sample.py."""
+  from diffusion_jax.pretrained import diffusers_io, io
+  cfg = sd21.get_config("tiny_finetune")
+  cfg.stages.pipeline.path = tiny_pipe
+  cfg.data.data_dir = _image_folder(str(tmp_path / "images"))
+  out = stages.run(cfg, str(tmp_path / "ft"))
+  assert out["step"] == cfg.train.num_steps and np.isfinite(out["loss"])
+  meta = json.load(open(os.path.join(tmp_path, "ft", "cache", "t2i_train_all", "meta.json")))
+  assert {"latent_moments", "text_hidden", "ids"} <= set(meta["keys"]) and "image" not in meta["keys"]
+  assert meta["num"] == 6
+  exp = get_experiment(cfg, stages={"pipeline": tiny_pipe})
+  assert exp.prediction_type == "v_prediction" and exp.latent
+  before = io.flatten(diffusers_io.load_unet(tiny_pipe)[1])
+  after = io.flatten(diffusers_io.load_unet(out["export"])[1])
+  assert set(before) == set(after)
+  assert max(float(np.abs(np.asarray(before[k]) - np.asarray(after[k])).max()) for k in before) > 0
+  # the export is a pipeline: sample it with the script (PNG + npz, no checkpoint)
+  from scripts import sd_sample
+  sd_sample.main(["--config", os.path.join(ROOT, "configs", "sd21.py:tiny"), "--pipeline", out["export"],
+                  "--out", str(tmp_path / "samples"), "--prompt", "a cat", "--prompt", "a dog", "--sampler", "euler",
+                  "--steps", "3", "--image_size", "16"])
+  s = np.load(tmp_path / "samples" / "samples.npz")
+  assert s["image"].shape == (2, 16, 16, 3) and os.path.exists(tmp_path / "samples" / "0001.png")
+  assert np.isfinite(s["image"]).all() and s["image"].std() > 0
+
+
+def test_paper_scale_parameter_counts():
+  """SD-1.5 / SD-2.1 UNets and text encoders, counted on `jax.eval_shape` trees (no weights allocated)."""
+  from diffusion_jax.models import clip as clip_lib
+  from diffusion_jax.models.unet import abstract_unet_params, count_params
+  want = {sd15: (859_520_964, 123_060_480), sd21: (865_910_724, 340_387_840)}
+  for mod, (n_unet, n_text) in want.items():
+    ucfg, tcfg = mod.reference_components()
+    assert count_params(abstract_unet_params(ucfg)) == n_unet, mod.__name__
+    text = clip_lib.CLIPTextModel(tcfg)
+    shapes = clip_lib.abstract_params(text, jax.ShapeDtypeStruct((1, 77), jnp.int32))
+    assert count_params(shapes) == n_text, mod.__name__
+  assert sd15.get_config().diffusion.prediction_type == "epsilon" and sd15.get_config().data.image_size == 512
+  assert sd21.get_config().diffusion.prediction_type == "v_prediction" and sd21.get_config().data.image_size == 768
+
+
+def test_bad_input_names_the_fix(tiny_pipe, tmp_path):
+  with pytest.raises(ValueError, match="stages.pipeline.path"):
+    stages.run(sd15.get_config("tiny"), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="Valid variants"):
+    sd15.get_config("huge")
+  cfg = sd15.get_config("tiny")
+  cfg.sample.sampler = "plms"
+  with pytest.raises(ValueError, match="ddim"):
+    get_experiment(cfg, stages={"pipeline": tiny_pipe})
+  cfg = sd15.get_config("tiny")
+  cfg.train.num_steps = 1
+  exp = get_experiment(cfg, stages={"pipeline": tiny_pipe})
+  with pytest.raises(ValueError, match="no images to train on"):
+    exp.workdir = str(tmp_path / "b")
+    exp.make_dataset("train", seed=0)
+  with pytest.raises(ValueError, match="solver_order"):
+    T.scheduler_settings({"solver_order": 3}, "dpmpp_2m")
+  with pytest.raises(FileNotFoundError, match="model_index.json"):
+    T.check_sd_pipeline(str(tmp_path))
