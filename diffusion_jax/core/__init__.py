@@ -21,4 +21,4 @@ from diffusion_jax.core.parameterization import (PREDICTION_TYPES, consistency_s
 from diffusion_jax.core.samplers import (SAMPLERS, consistency_sample, ddim_sample, ddpm_sample,  # noqa: F401
                                          dpmpp_2m_sample, edm_sample, euler_sample, sample)
 from diffusion_jax.core.schedules import (SCHEDULES, Schedule, karras_sigmas, make_schedule,  # noqa: F401
-                                          spacing_timesteps)
+                                          schedule_from_betas, spacing_timesteps)

@@ -54,7 +54,7 @@ from jax.tree_util import Partial
 
 from diffusion_jax.core import guidance as guidance_lib
 from diffusion_jax.core import parameterization as param_lib
-from diffusion_jax.core.schedules import MIN_ALPHAS_CUMPROD, Schedule, karras_sigmas, spacing_timesteps
+from diffusion_jax.core.schedules import Schedule, karras_sigmas, sigma_to_t, spacing_timesteps
 from diffusion_jax.registry import Registry, check_choice
 
 SAMPLERS = Registry("sampler")
@@ -135,6 +135,23 @@ def _noise_for(key, noise, shape):
 
 def _np32(d):
   return {k: jnp.asarray(np.asarray(v, np.float64), f32) for k, v in d.items()}
+
+
+def _check_sigma_grid(sig, where: str):
+  """`sig` `[n + 1]` (final 0): every step must strictly lower sigma (a zero step is a division by zero in
+  DPM-Solver and a wasted network call in Euler)."""
+  sig = np.asarray(sig, np.float64)
+  d = np.diff(sig)
+  if np.any(d >= 0):
+    i = int(np.argmax(d >= 0))
+    raise ValueError(f"{where} gives a zero or negative step: step {i} goes from sigma {sig[i]:.6g} to "
+                     f"{sig[i + 1]:.6g}. Use fewer steps or another timestep_spacing.")
+
+
+def _where(sampler: str, schedule: Schedule, num_steps: int, timestep_spacing: str) -> str:
+  return (f"{sampler} with schedule {schedule.name!r} (T={schedule.num_train_timesteps}"
+          + (", zero-SNR" if schedule.rescale_zero_snr else "")
+          + f"), timestep_spacing={timestep_spacing!r}, num_steps={num_steps}")
 
 
 # ----------------------------------------------------------------------------- DDPM
@@ -322,9 +339,10 @@ def dpmpp_2m_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, pred
   param_lib.check_prediction_type(prediction_type)
   T = schedule.num_train_timesteps
   ts = spacing_timesteps(T, num_steps, timestep_spacing, steps_offset, variant="dpm")
-  ac32 = np.maximum(schedule.alphas_cumprod, MIN_ALPHAS_CUMPROD).astype(np.float32)
-  ve = (((1 - ac32) / ac32) ** 0.5).astype(np.float32)
+  # diffusers' table: only a zero-SNR terminal alphas_cumprod becomes 2^-24; small values are used as they are.
+  ve = schedule.solver_sigmas()
   s = np.concatenate([np.interp(ts, np.arange(T), ve), [0.0]]).astype(np.float32).astype(np.float64)
+  _check_sigma_grid(s, _where("dpmpp_2m_sample", schedule, num_steps, timestep_spacing))
   alpha = 1.0 / np.sqrt(s ** 2 + 1.0)
   sig = s * alpha
   with np.errstate(divide="ignore"):
@@ -354,14 +372,12 @@ def euler_sigmas(schedule: Schedule, num_steps: int, timestep_spacing: str = "li
   """(timesteps `[n]`, VE sigmas `[n + 1]` ending in 0) as diffusers' `EulerDiscreteScheduler.set_timesteps`."""
   T = schedule.num_train_timesteps
   ts = spacing_timesteps(T, num_steps, timestep_spacing, steps_offset, variant="euler")
-  ac32 = np.maximum(schedule.alphas_cumprod, MIN_ALPHAS_CUMPROD).astype(np.float32)
-  ve = (((1 - ac32) / ac32) ** 0.5).astype(np.float32)
-  log_sigmas = np.log(ve)
+  # diffusers' table: only a zero-SNR terminal alphas_cumprod becomes 2^-24; small values are used as they are.
+  ve = schedule.solver_sigmas()
   sig = np.interp(ts, np.arange(T), ve)
   if use_karras_sigmas:
     sig = karras_sigmas(num_steps, float(sig[-1]), float(sig[0]), rho)
-    from diffusion_jax.core.schedules import sigma_to_t
-    ts = sigma_to_t(np.asarray(sig, np.float64), log_sigmas.astype(np.float64))
+    ts = sigma_to_t(np.asarray(sig, np.float64), np.log(ve))
   sig = np.concatenate([sig, [0.0]]).astype(np.float32).astype(np.float64)
   return np.asarray(ts, np.float32).astype(np.float64), sig
 
@@ -406,7 +422,8 @@ def euler_sample(denoise_fn, x_T, *, num_steps: int, schedule: Schedule, predict
   param_lib.check_prediction_type(prediction_type)
   T = schedule.num_train_timesteps
   ts, sig = euler_sigmas(schedule, num_steps, timestep_spacing, steps_offset, use_karras_sigmas, rho)
-  # float32 host arithmetic in diffusers' order (matters for huge sigmas, e.g. zero-SNR schedules).
+  _check_sigma_grid(sig, _where("euler_sample", schedule, num_steps, timestep_spacing))
+  # float32 host arithmetic in diffusers' order (matters for huge sigmas: cosine 2.0e4, zero-SNR 4096).
   sig = sig.astype(np.float32)
   s = sig[:-1]
   denom = (s ** 2 + np.float32(1.0)).astype(np.float32)
@@ -500,7 +517,6 @@ def edm_sample(denoise_fn, x_T, *, num_steps: int, prediction_type: str = "edm",
     ve = schedule.ve_sigmas
     sigma_min = float(ve[0]) if sigma_min is None else sigma_min
     sigma_max = float(ve[-1]) if sigma_max is None else sigma_max
-    from diffusion_jax.core.schedules import sigma_to_t
     log_sigmas = np.log(ve)
     t_of = lambda s: sigma_to_t(np.asarray(s, np.float64), log_sigmas)
   sig = np.concatenate([karras_sigmas(num_steps, sigma_min, sigma_max, rho), [0.0]])

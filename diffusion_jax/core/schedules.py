@@ -17,6 +17,11 @@ are leaves), so it can be closed over or passed into `jax.jit`.
 Continuous-time helpers (`vp_alpha_sigma`, `cosine_alpha_sigma`) take `t` in [0, 1] and work on JAX or
 NumPy arrays. `karras_sigmas` builds the EDM/Karras sigma grid (rho = 7).
 
+Sigma-space samplers (Euler, Heun, DPM-Solver, UniPC, EDM on a discrete schedule) read the schedule through
+`Schedule.solver_alphas_cumprod` / `Schedule.solver_sigmas()`: the same float32 values, except that a zero
+terminal `alphas_cumprod` (zero-terminal-SNR rescaling) becomes 2^-24, exactly as diffusers' schedulers do. Every
+other value is used as it is, however small (the cosine schedule ends at 2.4e-9, linear betas to 0.04 at 1.5e-9).
+
 Timestep spacings (`spacing_timesteps`) follow diffusers: "leading", "trailing", "linspace" (with
 `steps_offset` for "leading"), in three variants ("ddpm" for DDPM/DDIM, "dpm" for DPM-Solver multistep,
 "euler" for EulerDiscrete, whose "linspace" grid is fractional).
@@ -35,7 +40,10 @@ from diffusion_jax.registry import Registry, check_choice
 
 SCHEDULES = Registry("noise schedule")
 SPACINGS = ("leading", "trailing", "linspace")
-MIN_ALPHAS_CUMPROD = 2.0 ** -24  # diffusers' Euler/DPM-Solver stand-in for a zero terminal alphas_cumprod
+# diffusers' stand-in for the zero terminal alphas_cumprod of a zero-SNR schedule (sigma-space samplers only).
+# It replaces the *terminal* value, and only a zero-SNR one: it is not a floor for small values.
+ZERO_SNR_ALPHAS_CUMPROD = 2.0 ** -24
+MIN_ALPHAS_CUMPROD = ZERO_SNR_ALPHAS_CUMPROD  # older name, kept for callers
 
 
 def _xp(a):
@@ -76,11 +84,42 @@ class Schedule:
     return _xp(self.alphas_cumprod).sqrt(1.0 - self.alphas_cumprod)
 
   @property
+  def solver_alphas_cumprod(self):
+    """alphas_cumprod as diffusers' sigma-space schedulers (Euler, Heun, DPM-Solver, UniPC) see it.
+
+    Identical to `alphas_cumprod`, except that the terminal value of a zero-terminal-SNR schedule
+    (`rescale_zero_snr=True`, or a custom schedule whose last value is exactly 0) is replaced by 2^-24 so that
+    the first sigma is finite. Small values are *not* floored: diffusers replaces only that terminal value.
+    """
+    ac = self.alphas_cumprod
+    xp = _xp(ac)
+    last = ac[-1]
+    fix = xp.logical_or(self.rescale_zero_snr, last == 0)
+    new_last = xp.where(fix, ZERO_SNR_ALPHAS_CUMPROD, last)
+    if xp is np:
+      out = np.array(ac, np.float64, copy=True)
+      out[-1] = new_last
+      return out
+    return ac.at[-1].set(new_last)
+
+  def solver_sigmas(self) -> np.ndarray:
+    """`[T]` float32 VE sigmas `((1 - a) / a) ** 0.5` of `solver_alphas_cumprod`, in float32 arithmetic as diffusers'
+    schedulers build their tables (host NumPy)."""
+    ac = np.asarray(self.solver_alphas_cumprod, np.float64).astype(np.float32)
+    if np.any(ac[:-1] <= 0):
+      k = int(np.argmax(ac[:-1] <= 0))
+      raise ValueError(f"Schedule {self.name!r}: alphas_cumprod[{k}] = {ac[k]} <= 0 before the last timestep; sigma "
+                       f"(VE) would be infinite there. Only the terminal value may be zero (zero-terminal-SNR).")
+    one = np.float32(1.0)
+    return (((one - ac) / ac) ** np.float32(0.5)).astype(np.float32)
+
+  @property
   def ve_sigmas(self):
-    """sigma_t / alpha_t, the VE ("Karras") sigmas diffusers' Euler/DPM schedulers use. A zero terminal
-    alphas_cumprod (zero-SNR schedules) is replaced by 2^-24 here, as those schedulers do."""
+    """sigma_t / alpha_t, the VE ("Karras") sigmas diffusers' Euler/DPM schedulers use, from
+    `solver_alphas_cumprod` (a zero terminal alphas_cumprod of a zero-SNR schedule becomes 2^-24, as in those
+    schedulers; every other value is kept)."""
     xp = _xp(self.alphas_cumprod)
-    ac = xp.maximum(self.alphas_cumprod, MIN_ALPHAS_CUMPROD)
+    ac = self.solver_alphas_cumprod
     return xp.sqrt((1.0 - ac) / ac)
 
   @property
@@ -175,6 +214,21 @@ def make_schedule(name: str = "linear", num_train_timesteps: int = 1000, beta_st
   if num_train_timesteps < 1:
     raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}.")
   betas = fn(int(num_train_timesteps), float(beta_start), float(beta_end))
+  return schedule_from_betas(betas, name=name, rescale_zero_snr=rescale_zero_snr)
+
+
+def schedule_from_betas(betas, name: str = "custom", rescale_zero_snr: bool = False) -> Schedule:
+  """A `Schedule` from explicit betas (diffusers' `trained_betas`), rounded to float32 as diffusers does.
+
+  Betas must lie in [0, 1] (1 only at the last timestep, a zero-terminal-SNR schedule).
+  """
+  betas = np.asarray(betas, np.float64).reshape(-1)
+  if betas.size < 1:
+    raise ValueError("betas must be a non-empty 1-D array.")
+  if not np.all(np.isfinite(betas)) or np.any(betas < 0) or np.any(betas[:-1] >= 1) or betas[-1] > 1:
+    raise ValueError(f"betas must be finite and in [0, 1) (1 allowed only for the last timestep); got min "
+                     f"{betas.min()}, max {betas.max()}.")
+  betas = betas.astype(np.float32)
   if rescale_zero_snr:
     betas = rescale_zero_terminal_snr(betas)
   alphas = (np.float32(1.0) - betas.astype(np.float32)).astype(np.float32)
@@ -269,7 +323,7 @@ def sigma_to_t(sigma, log_sigmas):
 
 
 def spacing_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "leading",
-                      steps_offset: int = 0, variant: str = "ddpm") -> np.ndarray:
+                      steps_offset: int = 0, variant: str = "ddpm", last_timestep=None) -> np.ndarray:
   """Descending inference timesteps exactly as diffusers' `set_timesteps` defines them.
 
   Args:
@@ -281,6 +335,8 @@ def spacing_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "
     variant: "ddpm" (DDPMScheduler/DDIMScheduler), "dpm" (DPMSolverMultistepScheduler, which builds n + 1
       points for "leading"/"linspace" and drops the last), "euler" (EulerDiscreteScheduler; float grid,
       "linspace" not rounded).
+    last_timestep: variant "dpm" only: the grid ends at this timestep instead of T (diffusers'
+      `lambda_min_clipped`); "trailing" keeps the stride T / n, so it may give fewer than `num_steps` steps.
 
   Returns:
     `[num_steps]` int64 (float64 for variant "euler") NumPy array, descending.
@@ -293,15 +349,18 @@ def spacing_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "
   if n > T:
     raise ValueError(f"num_steps={n} is larger than the schedule's num_train_timesteps={T}: a model trained "
                      f"on {T} timesteps can be sampled with at most {T} steps. Use num_steps <= {T}.")
+  if last_timestep is not None and variant != "dpm":
+    raise ValueError("last_timestep is only defined for the 'dpm' spacing variant.")
   if variant == "dpm":
+    L = T if last_timestep is None else int(last_timestep)
     if spacing == "linspace":
-      ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+      ts = np.linspace(0, L - 1, n + 1).round()[::-1][:-1].astype(np.int64)
     elif spacing == "leading":
-      ratio = T // (n + 1)
+      ratio = L // (n + 1)
       ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + steps_offset
     else:
-      ts = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
-    return ts.copy()
+      ts = np.arange(L, 0, -T / n).round().astype(np.int64) - 1
+    return _check_timesteps(ts.copy(), T, n, spacing, steps_offset, variant)
   if spacing == "linspace":
     if variant == "euler":
       ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].astype(np.float64)
@@ -315,4 +374,20 @@ def spacing_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "
     ts = np.round(np.arange(T, 0, -ratio)).astype(np.int64) - 1
   if variant == "euler":
     ts = ts.astype(np.float32).astype(np.float64)
-  return ts.copy()
+  return _check_timesteps(ts.copy(), T, n, spacing, steps_offset, variant)
+
+
+def _check_timesteps(ts, T, n, spacing, steps_offset, variant):
+  """Timesteps must lie in [0, T - 1] and strictly decrease: a repeated timestep is a zero step."""
+  where = (f"timestep_spacing={spacing!r}, num_steps={n}, steps_offset={steps_offset}, num_train_timesteps={T}"
+           + (f" (spacing variant {variant!r})" if variant != "ddpm" else ""))
+  if ts.max() > T - 1 or ts.min() < 0:
+    raise ValueError(f"{where} gives timesteps outside [0, {T - 1}] (first {ts[0]:g}, last {ts[-1]:g}). "
+                     f"Lower steps_offset or num_steps, or use timestep_spacing='trailing' or 'linspace'.")
+  d = np.diff(ts)
+  if np.any(d >= 0):
+    i = int(np.argmax(d >= 0))
+    raise ValueError(f"{where} gives a zero or negative step: timestep {ts[i]:g} is followed by {ts[i + 1]:g} "
+                     f"(step {i} -> {i + 1}). Use fewer steps or timestep_spacing='trailing' (distinct timesteps for "
+                     f"every num_steps <= {T}).")
+  return ts
