@@ -114,7 +114,10 @@ def _apply(params, x, t, cond):
 
 ALL = [("ddpm", "epsilon", {}), ("ddim", "v_prediction", {}), ("dpmpp_2m", "epsilon", {}),
        ("euler", "epsilon", {}), ("edm_heun", "edm", {}), ("edm_heun", "epsilon", dict(S_churn=5.0)),
-       ("consistency", "v_prediction", {})]
+       ("consistency", "v_prediction", {}),
+       ("dpmpp", "v_prediction", dict(solver_order=3, use_karras_sigmas=True)),
+       ("dpmpp", "epsilon", dict(algorithm_type="sde-dpmsolver++")), ("unipc", "epsilon", {}),
+       ("heun", "v_prediction", {}), ("euler_ancestral", "epsilon", {}), ("lcm", "epsilon", {})]
 
 
 def _kw(sampler, pred, extra, n=4):
@@ -124,7 +127,8 @@ def _kw(sampler, pred, extra, n=4):
   return kw
 
 
-@pytest.mark.parametrize("sampler,pred,extra", ALL, ids=[a[0] + "-" + a[1] for a in ALL])
+@pytest.mark.parametrize("sampler,pred,extra", ALL,
+                         ids=[f"{a[0]}-{a[1]}" + "".join(f"-{v}" for v in a[2].values()) for a in ALL])
 def test_bf16_dtype_shape_and_no_retrace(sampler, pred, extra):
   x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4)).astype(jnp.bfloat16)
   params = {"w": jnp.float32(0.7), "dtype_probe": jnp.zeros((), jnp.bfloat16)}
@@ -183,7 +187,8 @@ def test_unknown_names_list_valid_ones():
   assert "epsilon" in _msg(e) and "v_prediction" in _msg(e) and "sample" in _msg(e)
   with pytest.raises(ValueError) as e:
     core.sample("plms", lambda x, t, c: x, jnp.zeros((1, 2)), num_steps=2, schedule=SCHED)
-  for name in ("ddpm", "ddim", "dpmpp_2m", "euler", "edm_heun", "consistency"):
+  for name in ("ddpm", "ddim", "dpmpp", "dpmpp_2m", "euler", "euler_ancestral", "heun", "unipc", "lcm", "edm_heun",
+               "consistency"):
     assert name in _msg(e)
   with pytest.raises(ValueError) as e:
     core.ddim_sample(lambda x, t, c: x, jnp.zeros((1, 2)), num_steps=2, schedule=SCHED, timestep_spacing="uniform")
@@ -193,7 +198,7 @@ def test_unknown_names_list_valid_ones():
                      rng=jax.random.key(0))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "euler"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "euler", "dpmpp", "unipc", "heun", "euler_ancestral"])
 def test_too_many_steps(sampler):
   with pytest.raises(ValueError, match="num_train_timesteps=1000"):
     core.sample(sampler, lambda x, t, c: x, jnp.zeros((1, 2)), num_steps=1001, schedule=SCHED,
