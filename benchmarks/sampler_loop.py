@@ -1,16 +1,19 @@
 """Sampler-loop overhead: a 50-step DDIM run of a small Flax network, the whole loop inside one jit
 (`diffusion_jax.core.ddim_sample`, lax.scan) versus the same jitted network called 50 times from Python
-with the same update math (a jitted DDIM step per iteration).
+with the same update math (a jitted DDIM step per iteration); then every sampler of `core.SAMPLERS` (each a
+whole loop in one jit) against (network evaluations) x (network time).
 
     python benchmarks/sampler_loop.py [--steps 50] [--batch 64] [--width 1024] [--depth 4] [--repeats 10]
+                                      [--samplers all | ddim,unipc,...]
 
-Prints per-call network time, loop times and each loop's overhead over 50 x (network time), as a markdown
-table. The methods are timed in interleaved rounds and the minimum is reported (robust to machine load).
+Prints per-call network time, loop times and each loop's overhead over NFE x (network time), as markdown
+tables. The methods are timed in interleaved rounds and the minimum is reported (robust to machine load).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import time
@@ -62,6 +65,7 @@ def main():
   ap.add_argument("--width", type=int, default=1024)
   ap.add_argument("--depth", type=int, default=4)
   ap.add_argument("--repeats", type=int, default=10)
+  ap.add_argument("--samplers", default="all", help="comma-separated names from SAMPLER_RUNS, or 'all' / 'none'")
   args = ap.parse_args()
 
   model = MLPDenoiser(args.width, args.depth)
@@ -138,6 +142,68 @@ def main():
     print(f"| {label:40s} | {r[k][1] * 1e3:8.2f} | {r[k][0] * 1e3:9.2f} | {(r[k][1] / net_min - 1) * 100:13.1f}% | "
           f"{(ratio[k] - 1) * 100:32.1f}% | {cpu_min[k] * 1e3:12.2f} | "
           f"{(cpu_min[k] / cpu_min['net'] - 1) * 100:11.1f}% |")
+  if args.samplers != "none":
+    sampler_table(args, model, params, x, sched, net, tb)
+
+
+# name -> (label, sampler, kwargs, network evaluations for n steps). Stochastic ones draw their noise inside the jit.
+SAMPLER_RUNS = {
+    "ddim": ("DDIM", "ddim", {}, lambda n: n),
+    "ddpm": ("DDPM (ancestral)", "ddpm", {}, lambda n: n),
+    "dpmpp_2m": ("DPM-Solver++ 2M", "dpmpp_2m", {}, lambda n: n),
+    "dpmpp_3m_karras": ("DPM-Solver++ 3M Karras", "dpmpp", dict(solver_order=3, use_karras_sigmas=True), lambda n: n),
+    "sde_dpmpp_2m_karras": ("SDE-DPM-Solver++ 2M Karras", "dpmpp",
+                            dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), lambda n: n),
+    "unipc": ("UniPC (bh2, order 2)", "unipc", {}, lambda n: n),
+    "euler_karras": ("Euler Karras", "euler", {}, lambda n: n),
+    "euler_ancestral": ("Euler ancestral", "euler_ancestral", {}, lambda n: n),
+    "heun": ("Heun (2n - 1 evaluations)", "heun", {}, lambda n: 2 * n - 1),
+    "lcm": ("LCM", "lcm", {}, lambda n: n),
+    "edm_heun": ("EDM Heun (2n - 1, discrete VP model)", "edm_heun", dict(prediction_type="epsilon"),
+                 lambda n: 2 * n - 1),
+}
+
+
+def sampler_table(args, model, params, x, sched, net, tb):
+  """Every sampler's jitted loop vs NFE x (the jitted network alone, called back to back from Python)."""
+  names = list(SAMPLER_RUNS) if args.samplers == "all" else [k.strip() for k in args.samplers.split(",")]
+  unknown = [k for k in names if k not in SAMPLER_RUNS]
+  if unknown:
+    raise SystemExit(f"Unknown --samplers {unknown}; valid: {', '.join(SAMPLER_RUNS)}, all, none.")
+  n = args.steps
+  denoise = Partial(model.apply, params)
+  fns = {}
+  for k in names:
+    _, name, kw, _ = SAMPLER_RUNS[k]
+    kw = dict(kw)
+    if name == "lcm":
+      kw["original_inference_steps"] = max(50, n)
+    fns[k] = functools.partial(core.sample, name, denoise, x, num_steps=n, schedule=sched, rng=jax.random.key(2), **kw)
+  for f in fns.values():  # compile
+    jax.block_until_ready(f())
+
+  def net_calls():
+    y = x
+    for _ in range(n):
+      y = net(params, y, tb)
+    return y
+
+  raw, cpu = _time_interleaved({"net": net_calls, **fns}, args.repeats)
+  net1 = float(np.min(raw["net"])) / n
+  cpu1 = float(np.min(cpu["net"])) / n
+  print()
+  print(f"Every sampler, whole loop in one jit, {n} steps; overhead = loop time / (NFE x network-alone time) - 1 "
+        f"(network alone: {net1 * 1e3:.3f} ms per call min, {cpu1 * 1e3:.3f} ms CPU).")
+  print(f"| {'sampler':38s} | {'NFE':>4s} | {'min ms':>8s} | {'median ms':>9s} | {'overhead (min)':>14s} | "
+        f"{'overhead (median per-round ratio)':>33s} | {'CPU overhead':>12s} |")
+  print(f"|{'-' * 40}|{'-' * 6}|{'-' * 10}|{'-' * 11}|{'-' * 16}|{'-' * 35}|{'-' * 14}|")
+  for k in names:
+    label, _, _, nfe_of = SAMPLER_RUNS[k]
+    nfe = nfe_of(n)
+    per_round = np.median(raw[k] / (raw["net"] / n * nfe))
+    print(f"| {label:38s} | {nfe:4d} | {np.min(raw[k]) * 1e3:8.2f} | {np.median(raw[k]) * 1e3:9.2f} | "
+          f"{(np.min(raw[k]) / (net1 * nfe) - 1) * 100:13.1f}% | {(per_round - 1) * 100:32.1f}% | "
+          f"{(np.min(cpu[k]) / (cpu1 * nfe) - 1) * 100:11.1f}% |")
 
 
 if __name__ == "__main__":
