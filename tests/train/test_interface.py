@@ -152,3 +152,16 @@ def test_sample_sheet_layout():
   # The input (black) sits left of the output (white) in the first row.
   row = sheet[20:60]
   assert row[:, 5:60].mean() < 10 and row[:, 72:120].mean() > 245
+
+
+def test_sample_and_eval_modes_read_only_the_test_split(tmp_path):
+  cfg = toy.toy_config(**{"mesh.num_devices": 1, "train.num_steps": 2, "train.sample_every": 2})
+  run = trainer._Run(cfg, str(tmp_path / "probe"))
+  run.sample_batch(4)
+  assert run.experiment.splits_requested == ["train", "test"]  # training, plus the sample sheets' conditions
+  run.close()
+  trainer.train(cfg, str(tmp_path / "run"))
+  run, _, _ = trainer._restore_latest(cfg, str(tmp_path / "run"))
+  run.sample_batch(4)
+  assert run.experiment.splits_requested == ["test"]
+  run.close()

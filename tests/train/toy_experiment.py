@@ -89,6 +89,7 @@ class ToyExperiment(Experiment):
                           dtype=jnp.dtype(config.dtype))
 
   def make_dataset(self, split, *, seed, shard_index=0, shard_count=1):
+    self.splits_requested = getattr(self, "splits_requested", []) + [split]
     d = self.config.data
     if d.name != "toy":
       from diffusion_jax.registry import check_choice
