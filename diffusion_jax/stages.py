@@ -75,7 +75,23 @@ def read_record(stage_dir: str) -> Optional[Dict[str, Any]]:
     return json.load(f)
 
 
+def _is_main() -> bool:
+  import jax
+  return jax.process_index() == 0
+
+
+def _barrier(what: str) -> None:
+  """All processes wait for process 0's file operation (multi-host runs only)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(what)
+
+
 def _write_record(stage_dir: str, record: Dict[str, Any]) -> None:
+  """Process 0 writes the record (every process of a multi-host run resolves the same stages in lockstep)."""
+  if not _is_main():
+    return
   os.makedirs(stage_dir, exist_ok=True)
   tmp = os.path.join(stage_dir, STAGE_RECORD + ".tmp")
   with open(tmp, "w") as f:
@@ -177,8 +193,10 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, *, restage: Iterabl
     if record is not None and record.get("fingerprint") != fp:
       if name in restage:
         old = stage_dir + ".previous"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(stage_dir, old)
+        if _is_main():
+          shutil.rmtree(old, ignore_errors=True)
+          os.replace(stage_dir, old)
+        _barrier(f"restage {name}")
         logging.warning("Stage %r: --restage given, moved the old run to %s.", name, old)
         record = None
       else:
@@ -210,6 +228,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, *, restage: Iterabl
         raise RuntimeError(f"Stage {name!r}: experiment {sub.experiment!r} exported nothing, so no run can use "
                            "it as a stage.")
       export = result["export"]
+      _barrier(f"stage {name} trained")
       _write_record(stage_dir, {"complete": True, "fingerprint": fp, "experiment": sub.experiment, "kind": kind,
                                 "config": flat, "export": os.path.relpath(export, stage_dir),
                                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "step": int(result["step"]),
