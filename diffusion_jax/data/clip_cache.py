@@ -477,16 +477,50 @@ def pairs_from_config(data_cfg, split: str, *, seed: int, num: Optional[int], im
   return source_pairs(src, image_size, num)
 
 
+def weights_fingerprint(clip_dir: str) -> str:
+  """sha256 of the CLIP directory's config.json and weight files (content, not path or mtime): a CLIP retrained
+  into the same directory gets another fingerprint, so caches made with the old one are never reused."""
+  import hashlib
+  h = hashlib.sha256()
+  names = sorted(n for n in os.listdir(clip_dir) if n == "config.json" or n.endswith(".safetensors"))
+  if not names:
+    raise FileNotFoundError(f"{clip_dir} holds no config.json / .safetensors weights: not a CLIP directory.")
+  for name in names:
+    h.update(name.encode())
+    with open(os.path.join(clip_dir, name), "rb") as f:
+      for block in iter(lambda: f.read(1 << 22), b""):
+        h.update(block)
+  return h.hexdigest()[:16]
+
+
+def cache_request(data_cfg, split: str, clip_dir: str, *, seed: int, num: Optional[int], normalize: bool,
+                  max_length: int = 0) -> Dict[str, Any]:
+  """Everything a cache of `split` is made from: the data (source, split, size, seed, paths, keys), the CLIP
+  (its directory, its weights' content fingerprint, the context length) and the normalisation. A cache is
+  reused only when its recorded request equals this one."""
+  is_shapes = data_cfg.name == "shapes"
+  with open(os.path.join(clip_dir, "config.json")) as f:
+    cfg = json.load(f)
+  ctx = int(cfg.get("text_config", cfg).get("max_position_embeddings", 77))
+  return {"source": str(data_cfg.name), "split": split, "seed": int(seed) if is_shapes else None,
+          "num": int(num) if num else None, "normalize": bool(normalize),
+          "clip_dir": os.path.abspath(clip_dir), "clip_weights": weights_fingerprint(clip_dir),
+          "max_length": int(max_length or ctx), "image_size": int(data_cfg.get("image_size", 32)),
+          "data_dir": str(data_cfg.get("data_dir", "")), "tfds_name": str(data_cfg.get("tfds_name", "")),
+          "split_name": str(data_cfg.get(f"{split}_split", split)),
+          "captions_file": str(data_cfg.get("captions_file", "")),
+          "image_key": str(data_cfg.get("image_key", "image")),
+          "caption_key": str(data_cfg.get("caption_key", "caption"))}
+
+
 def ensure_cache(embedder: ClipEmbedder, data_cfg, split: str, cache_dir: str, *, seed: int,
                  num: Optional[int], batch_size: int = 256, normalize: bool = True,
                  progress: bool = True) -> Dict[str, Any]:
-  """Builds the cache of `split` unless a complete one for the same request exists; returns its meta."""
+  """Builds the cache of `split` unless a complete one for the same request (`cache_request`) exists;
+  returns its meta."""
   is_shapes = data_cfg.name == "shapes"
-  request = {"source": str(data_cfg.name), "split": split, "seed": int(seed) if is_shapes else None,
-             "num": int(num) if num else None, "normalize": bool(normalize),
-             "clip_dir": os.path.abspath(embedder.clip_dir), "max_length": embedder.max_length,
-             "image_size": int(data_cfg.get("image_size", 32)),
-             "data_dir": str(data_cfg.get("data_dir", "")), "tfds_name": str(data_cfg.get("tfds_name", ""))}
+  request = cache_request(data_cfg, split, embedder.clip_dir, seed=seed, num=num, normalize=normalize,
+                          max_length=embedder.max_length)
   if is_complete(cache_dir, request):
     return load_meta(cache_dir)
   pairs = pairs_from_config(data_cfg, split, seed=seed, num=num, image_size=embedder.image_size,

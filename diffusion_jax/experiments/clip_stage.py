@@ -4,8 +4,10 @@ Both experiments declare the CLIP as stage "clip" (`config.stages.clip`: a shape
 `clip_pretrain`, or a local transformers CLIP given as a path); the experiment receives the CLIP's directory
 and, on first use of a split, encodes the (caption, image) pairs of `config.data` once into an embedding cache
 (`data/clip_cache.py`): `<config.data.embedding_cache or WORKDIR/cache>/<split>_<num>`. A cache is keyed by
-its request (source, split, size, seed, CLIP directory, context length), so runs with another CLIP or size
-never read a stale one, and several runs can share one cache root.
+its request (`clip_cache.cache_request`: source, split, size, seed, data paths and keys, normalisation, the
+CLIP directory, the content fingerprint of its weights, the context length), so a run with another CLIP — or
+the same directory retrained — or other data never reads a stale cache, and several runs can share one
+cache root.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ def embedding_caches(config, clip_dir: str, workdir: Optional[str], splits: Iter
   for split in splits:
     num = split_size(config, split)
     path = os.path.join(root, f"{split}_{num or 'all'}")
-    probe = {"split": split, "num": num, "clip_dir": os.path.abspath(clip_dir)}
-    if not clip_cache.is_complete(path, probe):
+    # The full request (data config, CLIP weights' content, normalisation): a cache made from anything else
+    # is rebuilt, never reused.
+    request = clip_cache.cache_request(d, split, clip_dir, seed=int(d.get("seed", 0)), num=num,
+                                       normalize=bool(d.get("normalize", True)),
+                                       max_length=int(config.clip.get("max_length", 0) or 0))
+    if not clip_cache.is_complete(path, request):
       if embedder is None:
         print(f"[clip cache] encoding (caption, image) pairs with the CLIP in {clip_dir} into {root}", flush=True)
         embedder = clip_cache.ClipEmbedder(clip_dir, int(config.clip.get("max_length", 0) or 0))

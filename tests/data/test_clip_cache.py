@@ -170,3 +170,36 @@ def test_tfds_pairs_through_tfds_source(tmp_path):
     want = r["captions"]["text"][0]
     assert p["caption"] == (want.decode() if isinstance(want, bytes) else str(want))
     np.testing.assert_array_equal(p["image"], resize_center_crop(np.asarray(r["image"]), 8))
+
+
+def test_a_cache_is_never_reused_for_other_weights_or_data(clip_dir, tmp_path):
+  """The cache request holds the CLIP weights' content fingerprint and the data config: the same CLIP
+  directory retrained (other weights), another data seed or another normalisation rebuild the cache; an
+  identical request reuses it."""
+  import shutil
+  from diffusion_jax.experiments import clip_stage
+  from diffusion_jax.pretrained import clip as clip_io
+  own = str(tmp_path / "clip")
+  shutil.copytree(clip_dir, own)
+  cfg = ml_collections.ConfigDict({"data": {"name": "shapes", "image_size": 16, "num_train": 6, "num_test": 5,
+                                            "seed": 0, "normalize": True, "encode_batch_size": 4,
+                                            "embedding_cache": str(tmp_path / "cache")},
+                                   "clip": {"max_length": 0}})
+  path = clip_stage.embedding_caches(cfg, own, None, ["test"])["test"]
+  meta_file = os.path.join(path, "meta.json")
+  built = os.path.getmtime(meta_file)
+  first = np.asarray(clip_cache.load_arrays(path, ["text_emb"])["text_emb"]).copy()
+  assert clip_stage.embedding_caches(cfg, own, None, ["test"])["test"] == path
+  assert os.path.getmtime(meta_file) == built  # same request: reused
+  # "Retrain" the CLIP into the same directory: other weights, same path.
+  _, params, ccfg = clip_io.load_clip(own, kind="clip")
+  clip_io.save_clip(own, jax.tree.map(lambda a: np.asarray(a) * 1.5, params), ccfg, kind="clip")
+  clip_stage.embedding_caches(cfg, own, None, ["test"])
+  second = np.asarray(clip_cache.load_arrays(path, ["text_emb"])["text_emb"])
+  assert np.abs(second - first).max() > 1e-3, "the cache of the old weights was reused"
+  for key, value in (("seed", 1), ("normalize", False)):
+    before = clip_cache.load_meta(path)["request"]
+    cfg.data[key] = value
+    clip_stage.embedding_caches(cfg, own, None, ["test"])
+    after = clip_cache.load_meta(path)["request"]
+    assert after != before and after[key] == value
