@@ -57,6 +57,7 @@ def sd_config(arg: str, *, name: str, prediction_type: str, image_size: int, gui
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.prediction_type = prediction_type   # overrides the pipeline scheduler's when set
   c.diffusion.snr_gamma = 0.0
+  c.diffusion.change_prediction_type = False  # True: fine-tune into another parameterisation than the pipeline's
 
   c.sample.sampler = "dpmpp_2m"   # ddim | dpmpp_2m | euler; options from the pipeline's scheduler config
   c.sample.steps = 4 if tiny else 25

@@ -41,7 +41,7 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -306,6 +306,14 @@ class TextToImageExperiment(Experiment):
     pt = str(self.config.diffusion.get("prediction_type", "") or "")
     if pt:
       check_choice("config.diffusion.prediction_type", pt, PREDICTION_TYPES)
+      if (self.host.scheduler_config is not None and pt != sched["prediction_type"]
+          and not bool(self.config.diffusion.get("change_prediction_type", False))):
+        raise ValueError(
+            f"config.diffusion.prediction_type={pt!r} but the pipeline {self.host.pipeline_dir} was trained with "
+            f"{sched['prediction_type']!r} (scheduler/scheduler_config.json): sampling it as {pt!r} gives noise. "
+            "Use the config of that model (configs/sd15.py: epsilon, configs/sd21.py: v_prediction), set "
+            "config.diffusion.prediction_type='' to take the pipeline's, or set "
+            "config.diffusion.change_prediction_type=True to fine-tune it into the other parameterisation.")
       sched["prediction_type"] = pt
     for k, v in (self.config.sample.get("options", None) or {}).items():
       opts[k] = v
