@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+import time
+from typing import Any, Optional, Tuple
 
 import grain
 import orbax.checkpoint as ocp
@@ -93,6 +94,44 @@ class Checkpointer:
                         "Resume with the same number of hosts and data.num_workers to keep it exact.",
                         step, type(e).__name__, e)
     return out["state"], out["config"]
+
+  def restore_newest(self, abstract_state: Any, data_iterator: Any = None, config_diff_fn=None
+                     ) -> Tuple[Optional[int], Any, list]:
+    """The newest checkpoint that restores cleanly: (step, state, damaged) or (None, None, []) if there is none.
+
+    A checkpoint that fails to read (a truncated array file, a deleted manifest or metadata) while an older
+    one restores is *damaged*: it is moved aside to `<step>.damaged-<time>` (never deleted) and named in
+    `damaged` and in a warning. If no checkpoint restores, the newest one's error is raised (e.g. a
+    checkpoint of another model: `config_diff_fn(step)` names the differing config keys)."""
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      return None, None, []
+    first_error = None
+    for i, step in enumerate(steps):
+      try:
+        diff = config_diff_fn(step) if config_diff_fn is not None else ()
+        state, _ = self.restore(step, abstract_state, data_iterator, config_diff=diff)
+      except Exception as e:  # pylint: disable=broad-except
+        first_error = first_error or e
+        continue
+      damaged = []
+      for bad in steps[:i]:
+        src = os.path.join(self.directory, str(bad))
+        dst = f"{src}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(src, dst)
+        damaged.append(dst)
+        logging.warning("Checkpoint step %d in %s could not be read; moved it to %s and resumed from step %d.",
+                        bad, self.directory, dst, step)
+      if damaged:
+        self._reopen()
+      return step, state, damaged
+    raise first_error
+
+  def _reopen(self):
+    """A fresh manager (after checkpoint directories were moved aside)."""
+    options = self.manager._options  # pylint: disable=protected-access
+    self.manager.close()
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -35,15 +35,20 @@ class Accumulator:
   def update(self, step: int, metrics: Dict[str, Any]):
     self._rows.append((int(step), metrics))
 
+  GUARDED = ("loss", "grad_norm")  # a finite loss with an infinite gradient norm is a divergence too
+
   def first_non_finite(self) -> Optional[tuple]:
-    """(step, value) of the first non-finite loss since the last `reset`, else None (syncs with device)."""
-    rows = [(s, m["loss"]) for s, m in self._rows[self._checked:] if "loss" in m]
+    """(step, value, name) of the first non-finite loss or gradient norm since the last `reset`, else None
+    (syncs with the device)."""
+    rows = [(s, [m[k] for k in self.GUARDED if k in m]) for s, m in self._rows[self._checked:]]
+    rows = [(s, v) for s, v in rows if v]
     if not rows:
       return None
-    vals = np.asarray(jax.device_get([v for _, v in rows]), dtype=np.float64).reshape(len(rows), -1)
-    bad = np.flatnonzero(~np.isfinite(vals).all(axis=1))
-    if bad.size:
-      return rows[bad[0]][0], float(vals[bad[0]][0])
+    host = jax.device_get([v for _, v in rows])
+    for (s, _), vals in zip(rows, host):
+      for name, v in zip([k for k in self.GUARDED], vals):
+        if not np.all(np.isfinite(np.asarray(v, np.float64))):
+          return s, float(np.asarray(v, np.float64).ravel()[0]), name
     self._checked = len(self._rows)
     return None
 
@@ -91,7 +96,15 @@ class MetricWriter:
       return
     with open(self.path) as f:
       rows = [line for line in f if line.strip()]
-    kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+    kept = []
+    for n, r in enumerate(rows, 1):
+      try:
+        row_step = json.loads(r).get("step", 0)
+      except json.JSONDecodeError:  # a line half-written when the process was killed
+        logging.warning("%s line %d is not complete JSON (a run killed mid-write); dropping it.", self.path, n)
+        continue
+      if row_step <= step:
+        kept.append(r if r.endswith("\n") else r + "\n")
     if len(kept) != len(rows):
       with open(self.path, "w") as f:
         f.writelines(kept)

@@ -192,6 +192,35 @@ def place(tree: PyTree, shardings: PyTree) -> PyTree:
   return jax.tree.map(put, tree, shardings)
 
 
+def _all_finite(*trees) -> bool:
+  """Whether every float array of `trees` is finite (one device reduction, one host sync)."""
+  leaves = [x for t in trees for x in jax.tree.leaves(t)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+  if not leaves:
+    return True
+  return bool(jax.device_get(_finite_fn(leaves)))
+
+
+@jax.jit
+def _finite_fn(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def check_writable(*dirs: str) -> None:
+  """Creates each directory and writes a probe file in it: an output path that cannot be written fails here,
+  before anything is trained, instead of in a background checkpoint save."""
+  for d in dirs:
+    try:
+      os.makedirs(d, exist_ok=True)
+      probe = os.path.join(d, f".write_probe_{os.getpid()}")
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      raise ValueError(f"Cannot write to {d} ({type(e).__name__}: {e}). Choose a writable --workdir or fix the "
+                       "directory's permissions / free space.") from e
+
+
 def _tree_mb(tree: PyTree) -> float:
   return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)) / 2 ** 20
 
@@ -466,7 +495,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Dict
   metrics (`step`, `loss`, ...), the evaluation results under "eval/<name>", `preempted=True` when a SIGTERM
   stopped the run early, and `export` (the export directory, or None).
   """
-  os.makedirs(workdir, exist_ok=True)
+  check_writable(workdir, os.path.join(workdir, "checkpoints"))
   is_main = jax.process_index() == 0
   run = _Run(config, workdir, "train", stages)
   tc = config.train
@@ -538,15 +567,19 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   global_batch = int(config.data.batch_size)
   config_dict = _config_json(config)
 
-  latest = ckpt.latest_step()
   first_batch = run.first_batch
+  diffs = {}
+
+  def config_diff(step):
+    saved_flat, cur_flat = flatten(ckpt.read_config(step)), flatten(config_dict)
+    diffs[step] = sorted(k for k in set(saved_flat) | set(cur_flat) if saved_flat.get(k) != cur_flat.get(k))
+    return diffs[step]
+
+  latest, state, damaged = ckpt.restore_newest(run.abstract_state, run.iterator, config_diff)
   if latest is not None:
-    saved_flat, cur_flat = flatten(ckpt.read_config(latest)), flatten(config_dict)
-    diff = sorted(k for k in set(saved_flat) | set(cur_flat) if saved_flat.get(k) != cur_flat.get(k))
-    state, _ = ckpt.restore(latest, run.abstract_state, run.iterator, config_diff=diff)
     first_batch = None  # the iterator now points at the batch after `latest`.
-    if diff:
-      logging.warning("Resuming with a config that differs from the checkpoint's in: %s", ", ".join(diff))
+    if diffs.get(latest):
+      logging.warning("Resuming with a config that differs from the checkpoint's in: %s", ", ".join(diffs[latest]))
     logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
     writer.truncate_after(latest)
   else:
@@ -585,13 +618,15 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   results: Dict[str, Any] = {}
   sample_rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0x5A4D)
 
-  def check_finite(step: int):
+  def check_finite(step: int, whole_state: bool = False):
     bad = acc.first_non_finite()
+    if bad is None and whole_state and not _all_finite(state.params, state.opt_state):
+      bad = (step, float("nan"), "params / optimizer state")
     if bad is not None:
       ckpt.wait()
       good = ckpt.latest_step()
       raise FloatingPointError(
-          f"Non-finite loss ({bad[1]}) at step {bad[0]}; training stopped. Nothing was saved after it: the "
+          f"Non-finite {bad[2]} ({bad[1]}) at step {bad[0]}; training stopped. Nothing was saved after it: the "
           f"last good checkpoint is step {good} in {ckpt.directory}. Fix: lower config.optim.lr, enable "
           "config.optim.grad_clip, add warmup (config.optim.warmup_steps), or train in float32 "
           "(config.dtype), then rerun to resume from that checkpoint.")
@@ -600,7 +635,7 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
     nonlocal last_saved
     if last_saved == step:
       return
-    check_finite(step)
+    check_finite(step, whole_state=True)  # a checkpoint is only written from a finite state
     ckpt.save(step, state, run.iterator, config_dict)
     last_saved = step
 
@@ -685,14 +720,13 @@ def _restore_latest(config, workdir: str, stages: Optional[Dict[str, str]] = Non
   when there is no checkpoint)."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   ckpt = Checkpointer(ckpt_dir, keep=int(config.train.get("keep_ckpts", 3)), use_async=False)
-  step = ckpt.latest_step()
-  if step is None:
+  if ckpt.latest_step() is None:
     ckpt.close()
     raise FileNotFoundError(f"No checkpoint in {ckpt.directory}. Train first: "
                             f"python -m diffusion_jax.main --config ... --workdir {workdir} --mode train")
   run = _Run(config, workdir, "eval", stages)
   try:
-    state, _ = ckpt.restore(step, run.abstract_state)
+    step, state, _ = ckpt.restore_newest(run.abstract_state)
   except Exception:
     run.close()
     raise

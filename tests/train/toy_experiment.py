@@ -139,6 +139,12 @@ class ToyExperiment(Experiment):
     nan_at = self.config.toy.nan_at_step
     if nan_at >= 0:
       loss = jnp.where(step >= nan_at, jnp.nan, loss)
+    inf_at = int(self.config.toy.get("inf_grad_at_step", -1))
+    if inf_at >= 0:  # a finite loss whose gradient is infinite (d sqrt(u) / du at u = 0): a silent divergence
+      leaf = jax.tree.leaves(params)[0]
+      on = step >= inf_at
+      u = jnp.where(on, jnp.maximum(leaf - jax.lax.stop_gradient(leaf), 0.0), 1.0)  # (1: a finite gradient)
+      loss = loss + jnp.where(on, jnp.sum(jnp.sqrt(u)), 0.0)
     first = next(iter(ema.values())) if ema else None
     ema_gap = jnp.mean(jnp.square(jax.tree.leaves(first)[0] - jax.tree.leaves(params)[0])) if ema else 0.0
     return loss, {"mse": loss, "ema_gap": ema_gap, **metrics}
@@ -184,7 +190,8 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
   c.train.ema = ml_collections.ConfigDict({"ema": 0.9, "slow": 0.99})
   c.train.sample_with = "ema"
   c.train.progress_bar = False
-  c.toy = ml_collections.ConfigDict({"nan_at_step": -1, "step_delay": 0.0, "frozen_mb": 0.0, "distill": 1.0})
+  c.toy = ml_collections.ConfigDict({"nan_at_step": -1, "step_delay": 0.0, "frozen_mb": 0.0, "distill": 1.0,
+                                      "inf_grad_at_step": -1})
   return set_keys(c, overrides)
 
 
