@@ -28,11 +28,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
   run_dir = str(tmp_path / "killed")
   proc = subprocess.Popen(toy.main_cmd(run_dir, ("train.num_steps", n), ("train.ckpt_every", 4),
                                        ("toy.step_delay", 0.3), ("data.num_workers", 1)),
-                          env=toy.subprocess_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          env=toy.subprocess_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
   try:
     assert _wait_for(lambda: 4 in toy.finished_checkpoints(run_dir), proc), "no checkpoint at step 4"
     assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group, grain worker included (as a crashed node)
     proc.wait(30)
   finally:
     if proc.poll() is None:
