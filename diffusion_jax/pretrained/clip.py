@@ -91,8 +91,8 @@ def torch_state_to_flax(state: Mapping[str, np.ndarray], abstract_params: Any, w
   for tname, fpath in by_torch.items():
     v = _to_flax_value(fpath, np.asarray(state[tname]))
     want = tuple(flat[fpath].shape)
-    if v.shape != want and v.size == int(np.prod(want)) and v.ndim != len(want):
-      v = v.reshape(want)  # e.g. a 0-d logit_scale saved as shape (1,)
+    if v.shape != want and v.size == 1 and int(np.prod(want)) == 1:
+      v = v.reshape(want)  # a scalar saved as shape (1,) or (): e.g. logit_scale. Nothing else is reshaped.
     io.check_shape(tname, v.shape, want)
     out[fpath] = np.asarray(v, dtype=np.float32) if v.dtype.kind == "f" else v
   return io.unflatten(out)

@@ -32,7 +32,8 @@ def load_state_dict(path: str, *, allow_pickle: bool = False) -> Dict[str, np.nd
     if not allow_pickle:
       raise CheckpointError(
           f"Refusing to load pickle checkpoint {path}: pickle files can execute code. Convert it to "
-          ".safetensors, or pass allow_pickle=True (config key `allow_pickle`) if you trust its source.")
+          ".safetensors (e.g. `safetensors.torch.save_file(torch.load(path), out)`), or, if you trust its "
+          "source, pass allow_pickle=True to the loader (e.g. `load_vae(directory, allow_pickle=True)`).")
     import torch  # only with the explicit flag
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
@@ -74,8 +75,13 @@ def load_weights_dir(directory: str, stem: str, *, allow_pickle: bool = False) -
   index = os.path.join(directory, f"{stem}.safetensors.index.json")
   if not os.path.exists(os.path.join(directory, f"{stem}.safetensors")) and os.path.exists(index):
     state: Dict[str, np.ndarray] = {}
+    root = os.path.realpath(directory)
     for shard in sorted(set(read_json(index)["weight_map"].values())):
-      state.update(load_state_dict(os.path.join(directory, shard), allow_pickle=allow_pickle))
+      path = os.path.realpath(os.path.join(directory, shard))
+      if os.path.dirname(path) != root and not path.startswith(root + os.sep):
+        raise CheckpointError(f"{index} names shard {shard!r}, which lies outside {directory}; refusing to read it. "
+                              "Shards must be files inside the model directory.")
+      state.update(load_state_dict(path, allow_pickle=allow_pickle))
     return state
   return load_state_dict(find_weights_file(directory, stem, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
 

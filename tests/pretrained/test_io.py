@@ -79,3 +79,30 @@ def test_load_weights_dir_single_and_sharded(tmp_path):
   np.testing.assert_array_equal(state["b"], np.full(3, 7.0, np.float32))
   with pytest.raises(FileNotFoundError, match="No other.safetensors"):
     io.load_weights_dir(str(sharded), "other")
+
+
+def test_sharded_index_may_not_name_files_outside_the_directory(tmp_path):
+  model = tmp_path / "model"
+  model.mkdir()
+  io.save_state_dict({"a": np.ones(2, np.float32)}, str(model / "part-1.safetensors"))
+  io.save_state_dict({"b": np.ones(2, np.float32)}, str(tmp_path / "outside.safetensors"))
+  io.write_json({"weight_map": {"a": "part-1.safetensors"}}, str(model / "m.safetensors.index.json"))
+  assert set(io.load_weights_dir(str(model), "m")) == {"a"}
+  for bad in ("../outside.safetensors", str(tmp_path / "outside.safetensors")):
+    io.write_json({"weight_map": {"a": "part-1.safetensors", "b": bad}}, str(model / "m.safetensors.index.json"))
+    with pytest.raises(io.CheckpointError, match="outside"):
+      io.load_weights_dir(str(model), "m")
+
+
+def test_a_tensor_stored_with_another_shape_is_refused_not_reshaped():
+  """A 2-D weight stored flattened (same element count) is a shape error; only scalars (() vs (1,)) adapt."""
+  import jax
+  from diffusion_jax.pretrained import clip as clip_io
+  abstract = {"text_projection": {"kernel": jax.ShapeDtypeStruct((4, 3), np.float32)},
+              "logit_scale": jax.ShapeDtypeStruct((), np.float32)}
+  good = {"text_projection.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "logit_scale": np.ones((1,))}
+  out = clip_io.torch_state_to_flax(good, abstract, "test", ignore=())
+  assert out["logit_scale"].shape == () and out["text_projection"]["kernel"].shape == (4, 3)
+  bad = dict(good, **{"text_projection.weight": np.arange(12, dtype=np.float32)})
+  with pytest.raises(ValueError, match="text_projection"):
+    clip_io.torch_state_to_flax(bad, abstract, "test", ignore=())
