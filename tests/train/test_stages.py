@@ -139,3 +139,36 @@ def test_eval_mode_never_trains_a_stage(tmp_path):
   assert "FATAL" in r.stderr and "Stage 'teacher' has not finished" in r.stderr and "--mode train" in r.stderr
   assert "Traceback" not in r.stderr
   assert not os.path.exists(os.path.join(wd, "teacher", "checkpoints"))
+
+
+def test_random_kills_across_a_stage_and_the_main_run_then_identical_metrics(tmp_path):
+  """SIGKILL the whole process group at random moments (in the teacher stage, its checkpoint writes and export,
+  the main run), rerun the same command after each kill; the final metrics equal an uninterrupted run's."""
+  ref = str(tmp_path / "ref")
+  stages.run(_distill(), ref)
+  wd = str(tmp_path / "killed")
+  slow = (("stages.teacher.config.toy.step_delay", 0.15), ("toy.step_delay", 0.15), ("mesh.num_devices", 1),
+          ("stages.teacher.config.mesh.num_devices", 1))
+  rng = np.random.default_rng(0)
+  kills = 0
+  for attempt in range(6):
+    proc = subprocess.Popen(_cmd(wd, *slow), env=toy.subprocess_env(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+      proc.wait(timeout=float(rng.uniform(4.0, 9.0)))
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait(30)
+      kills += 1
+    if proc.returncode == 0:
+      break
+  assert kills >= 2, "the run finished before it was killed twice; lengthen the step delay"
+  r = subprocess.run(_cmd(wd, *slow), env=toy.subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for sub in ("teacher", ""):
+    got, want = toy.read_metrics(os.path.join(wd, sub)), toy.read_metrics(os.path.join(ref, sub))
+    assert sorted(got) == sorted(want)
+    for step in want:
+      for k in ("loss", "mse", "grad_norm"):
+        assert got[step][k] == want[step][k], (sub, step, k)
+  assert stages.read_record(os.path.join(wd, "teacher"))["complete"]
