@@ -53,6 +53,12 @@ from diffusion_jax.models import build_model
 from diffusion_jax.registry import Registry, check_choice
 
 OBJECTIVES = ("edm", "adm")
+# The sampler each objective runs (config.sample.sampler names it; anything else is an error at start-up).
+SAMPLERS = {"edm": ("edm_heun",), "adm": ("ddpm",)}
+SAMPLE_KEYS = {"edm": ("sampler", "num_steps", "guidance_scale", "guidance_schedule", "guidance_power",
+                       "guidance_channels", "sigma_min", "sigma_max", "rho", "S_churn"),
+               "adm": ("sampler", "num_steps", "guidance_scale", "guidance_schedule", "guidance_power",
+                       "guidance_channels", "timestep_spacing", "clip_sample")}
 VAES = ("none", "sd", "space_to_depth")
 FEATURES = Registry("feature function")
 
@@ -174,9 +180,28 @@ class GenerationExperiment(Experiment):
     self._vae = None
     self.feature_fn = feature_fn
     self._apply_fn = functools.partial(_apply_model, self.model, self.time_scale)
+    self._check_sample_config(c.get("sample") or {})
     if self.vae_kind == "sd" and not _get(lat, "vae_path", ""):
       raise ValueError("config.latent.vae='sd' needs config.latent.vae_path: a diffusers AutoencoderKL directory "
                        "(e.g. a local copy of stabilityai/sd-vae-ft-ema).")
+
+  def _check_sample_config(self, sc) -> None:
+    """Every key of config.sample is read by this objective's sampler and every name is valid — checked
+    here, at start-up, not after training."""
+    from diffusion_jax.core.guidance import GUIDANCE_SCHEDULES
+    from diffusion_jax.core.schedules import SPACINGS
+    valid = SAMPLE_KEYS[self.objective]
+    unknown = sorted(set(sc.keys()) - set(valid))
+    if unknown:
+      raise ValueError(f"config.sample has keys {unknown} that the {self.objective!r} objective's sampler does not "
+                       f"read. Valid keys: {', '.join(valid)}.")
+    check_choice(f"sampler for objective {self.objective!r} (config.sample.sampler)",
+                 sc.get("sampler", SAMPLERS[self.objective][0]), SAMPLERS[self.objective])
+    check_choice("guidance schedule (config.sample.guidance_schedule)", sc.get("guidance_schedule", "constant"),
+                 GUIDANCE_SCHEDULES)
+    if self.objective == "adm":
+      check_choice("timestep spacing (config.sample.timestep_spacing)", sc.get("timestep_spacing", "linspace"),
+                   SPACINGS)
 
   # ------------------------------------------------------------------ latent space
   @property

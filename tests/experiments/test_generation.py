@@ -128,3 +128,23 @@ def test_bad_config_names_fail_early():
   cfg = importlib.import_module("configs.diffit_imagenet256").get_config()
   with pytest.raises(ValueError, match="vae_path"):
     get_experiment(cfg)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("sample.sampler", "dpm", r"Unknown sampler for objective 'edm'.*edm_heun"),
+    ("sample.guidance_schedule", "bogus", r"Unknown guidance schedule.*constant, power_cosine"),
+])
+def test_sample_names_are_checked_at_start_up(key, value, match):
+  """A wrong sampler / guidance-schedule name fails when the experiment is built, not after training."""
+  cfg = importlib.import_module("configs.diffit_shapes").get_config("tiny")
+  section, name = key.split(".")
+  cfg[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    get_experiment(cfg)
+
+
+def test_sample_keys_the_sampler_does_not_read_are_rejected():
+  cfg = importlib.import_module("configs.diffit_shapes").get_config("tiny")
+  cfg.sample.timestep_spacing = "trailing"  # a DDPM option; the EDM sampler never reads it
+  with pytest.raises(ValueError, match=r"\['timestep_spacing'\].*does not read"):
+    get_experiment(cfg)
