@@ -298,7 +298,29 @@ def is_complete(cache_dir: str, want: Optional[Mapping[str, Any]] = None) -> boo
     meta = json.load(f)
   if not meta.get("complete"):
     return False
-  return all(meta.get("request", {}).get(k) == v for k, v in (want or {}).items())
+  if not all(meta.get("request", {}).get(k) == v for k, v in (want or {}).items()):
+    return False
+  problem = damage(cache_dir, meta)
+  if problem:
+    from absl import logging
+    logging.warning("Embedding cache %s is damaged (%s); it will be rebuilt.", cache_dir, problem)
+    return False
+  return True
+
+
+def damage(cache_dir: str, meta: Mapping[str, Any]) -> Optional[str]:
+  """What is wrong with a cache whose meta says complete (a missing or truncated .npy, a wrong length), or
+  None. Opens every array memory-mapped: no data is read."""
+  for k in meta.get("keys", []):
+    path = os.path.join(cache_dir, f"{k}.npy")
+    try:
+      a = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+      return f"{k}.npy: {type(e).__name__}: {e}"
+    want = 1 if k.startswith("null_") else int(meta["num"])
+    if a.shape[:1] != (want,):
+      return f"{k}.npy has {a.shape[0] if a.ndim else 0} rows, expected {want}"
+  return None
 
 
 def build_cache(embedder: ClipEmbedder, pairs: Iterable[Dict[str, Any]], cache_dir: str, *,

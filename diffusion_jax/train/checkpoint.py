@@ -52,6 +52,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
                                            enable_async_checkpointing=bool(use_async))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # After `restore` with a data iterator: whether its position came back (False: the data stream restarted,
+    # so the resumed run is not exact; the trainer reports it in its result and run_info.json).
+    self.data_restored: Optional[bool] = None
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -93,6 +96,9 @@ class Checkpointer:
                         "restarts from its beginning, so the data order differs from an uninterrupted run. "
                         "Resume with the same number of hosts and data.num_workers to keep it exact.",
                         step, type(e).__name__, e)
+        self.data_restored = False
+      else:
+        self.data_restored = True
     return out["state"], out["config"]
 
   def restore_newest(self, abstract_state: Any, data_iterator: Any = None, config_diff_fn=None

@@ -583,7 +583,9 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
     logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
     writer.truncate_after(latest)
   else:
+    writer.truncate_after(0)  # rows of an earlier attempt killed before its first checkpoint
     state = run.init_state()
+  exact_resume = latest is None or ckpt.data_restored is not False
   start = int(jax.device_get(state.step))
 
   n_params, table = _param_overview(state.params)
@@ -610,7 +612,8 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
                  "compile_time_s": compile_s, "mesh": dict(run.mesh.shape),
                  "num_devices": jax.device_count(), "num_processes": jax.process_count(),
                  "platform": jax.devices()[0].platform, "jax_version": jax.__version__,
-                 "start_step": start}, f, indent=1)
+                 "start_step": start, "exact_resume": exact_resume,
+                 "damaged_checkpoints": damaged}, f, indent=1)
 
   acc = Accumulator()
   last_saved = latest
@@ -699,7 +702,7 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
       save(step)
       ckpt.wait()
       writer.flush()
-      return {**last_metrics, "step": step, "preempted": True, "export": None}
+      return {**last_metrics, "step": step, "preempted": True, "export": None, "exact_resume": exact_resume}
 
   save(step)
   ckpt.wait()
@@ -709,7 +712,8 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   if sample_every and step % sample_every:
     do_sample(step)
   writer.flush()
-  return {**last_metrics, **results, "step": step, "preempted": False, "export": exported}
+  return {**last_metrics, **results, "step": step, "preempted": False, "export": exported,
+          "exact_resume": exact_resume}
 
 
 # ------------------------------------------------------------------------------------------------ modes

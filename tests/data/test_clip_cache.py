@@ -203,3 +203,20 @@ def test_a_cache_is_never_reused_for_other_weights_or_data(clip_dir, tmp_path):
     clip_stage.embedding_caches(cfg, own, None, ["test"])
     after = clip_cache.load_meta(path)["request"]
     assert after != before and after[key] == value
+
+
+def test_a_truncated_cache_array_is_rebuilt(clip_dir, tmp_path):
+  from diffusion_jax.experiments import clip_stage
+  cfg = ml_collections.ConfigDict({"data": {"name": "shapes", "image_size": 16, "num_train": 6, "num_test": 5,
+                                            "seed": 0, "normalize": True, "encode_batch_size": 4,
+                                            "embedding_cache": str(tmp_path / "cache")},
+                                   "clip": {"max_length": 0}})
+  path = clip_stage.embedding_caches(cfg, clip_dir, None, ["test"])["test"]
+  good = np.asarray(clip_cache.load_arrays(path, ["image_emb"])["image_emb"]).copy()
+  npy = os.path.join(path, "image_emb.npy")
+  with open(npy, "r+b") as f:
+    f.truncate(os.path.getsize(npy) - 8)
+  assert clip_cache.damage(path, clip_cache.load_meta(path)) is not None
+  assert not clip_cache.is_complete(path)
+  clip_stage.embedding_caches(cfg, clip_dir, None, ["test"])
+  np.testing.assert_array_equal(np.asarray(clip_cache.load_arrays(path, ["image_emb"])["image_emb"]), good)

@@ -80,3 +80,22 @@ def test_unwritable_checkpoint_path_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match=r"Cannot write to .*checkpoints.*writable --workdir"):
     trainer.train(_cfg(), str(wd))
   assert not (wd / "metrics.jsonl").exists()
+
+
+def test_lost_data_iterator_state_is_reported_as_an_inexact_resume(tmp_path):
+  wd = str(tmp_path / "run")
+  out = trainer.train(_cfg(**{"train.num_steps": 4}), wd)
+  assert out["exact_resume"] is True
+  os.remove(os.path.join(wd, "checkpoints", "4", "data", "process_0-of-1.json"))
+  out = trainer.train(_cfg(**{"train.num_steps": 6}), wd)
+  assert out["step"] == 6 and out["exact_resume"] is False
+  assert json.load(open(os.path.join(wd, "run_info.json")))["exact_resume"] is False
+
+
+def test_rows_of_a_run_killed_before_its_first_checkpoint_are_not_duplicated(tmp_path):
+  wd = tmp_path / "run"
+  wd.mkdir()
+  (wd / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')  # no checkpoint
+  trainer.train(_cfg(**{"train.num_steps": 3}), str(wd))
+  rows = [r for r in map(json.loads, open(wd / "metrics.jsonl")) if "loss" in r]  # training rows
+  assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] != 9.0 for r in rows)
