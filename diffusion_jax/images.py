@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -100,7 +101,6 @@ def sample_sheet(batch: Dict[str, Any], outputs: Dict[str, Any], min_cell: int =
   font = ImageFont.load_default()
   char_w = 6
   wrap = max(4, cw // char_w)
-  import textwrap
   wrapped = [textwrap.wrap(t, wrap)[:3] for t in texts] if texts else None
   line_h = 11
   text_h = (max(len(t) for t in wrapped) * line_h + 2) if wrapped else 0

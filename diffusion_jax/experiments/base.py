@@ -25,7 +25,7 @@ trainer: it never imports `train/`, never starts a run and never reads flags. Th
 * `evaluate(params, frozen, rng, workdir)` -> dict of metrics (host side; jitted code compiled once).
 * `export(params, frozen, directory)`: writes the run's product (a transformers CLIP, a diffusers prior, a
   decoder) into `directory`; a run used as a *stage* of another hands this directory on. `export_kind` names
-  what it writes and `check_export(path)` says whether a directory holds one (stages given as paths).
+  what it writes (a key of `EXPORT_KINDS`, whose checker validates stages given as paths).
 
 `params` in `sample` / `evaluate` / `export` are the ones `config.train.sample_with` names ("params" or an
 EMA name). Stages: a config may declare runs it needs (`config.stages`, see `diffusion_jax/stages.py`);
@@ -94,13 +94,6 @@ class Experiment:
 
   def export(self, params, frozen, directory: str) -> None:
     """Writes the run's product into `directory` (created by the caller, renamed into place when done)."""
-
-  @classmethod
-  def check_export(cls, path: str) -> None:
-    """Raises FileNotFoundError naming what is missing if `path` does not hold this experiment's export."""
-    check = EXPORT_KINDS.get(cls.export_kind) if cls.export_kind else None
-    if check is not None:
-      check(path)
 
 
 # What a stage's export directory holds: kind -> checker(path) raising FileNotFoundError with the fix.

@@ -143,7 +143,7 @@ def _vae_encode(vae, params, x):
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _S2D_ENCODE(images, f):
+def _s2d_encode(images, f):
   z = space_to_depth(images, f)
   return jnp.concatenate([z, jnp.full_like(z, -30.0)], -1)
 
@@ -290,7 +290,7 @@ class GenerationExperiment(Experiment):
     if self.vae_kind == "sd":
       _, vae_params, encode, _ = self._load_vae()
     else:
-      vae_params, encode = None, _S2D_ENCODE
+      vae_params, encode = None, _s2d_encode
     moments, labels = [], []
     for start in range(0, len(source), bs):
       exs = [functools.reduce(lambda e, t: t.map(e), transforms, source[i])

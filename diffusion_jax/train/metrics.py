@@ -16,9 +16,6 @@ import numpy as np
 from absl import logging
 from clu import metrics as clu_metrics
 
-# Image grids and sample sheets live in diffusion_jax/images.py (experiments use them too).
-from diffusion_jax.images import image_grid, sample_sheet, save_png  # noqa: F401
-
 
 class Accumulator:
   """Averages every scalar metric between two logs with `clu.metrics.Average`.
@@ -40,15 +37,15 @@ class Accumulator:
   def first_non_finite(self) -> Optional[tuple]:
     """(step, value, name) of the first non-finite loss or gradient norm since the last `reset`, else None
     (syncs with the device)."""
-    rows = [(s, [m[k] for k in self.GUARDED if k in m]) for s, m in self._rows[self._checked:]]
+    rows = [(s, {k: m[k] for k in self.GUARDED if k in m}) for s, m in self._rows[self._checked:]]
     rows = [(s, v) for s, v in rows if v]
     if not rows:
       return None
-    host = jax.device_get([v for _, v in rows])
-    for (s, _), vals in zip(rows, host):
-      for name, v in zip([k for k in self.GUARDED], vals):
-        if not np.all(np.isfinite(np.asarray(v, np.float64))):
-          return s, float(np.asarray(v, np.float64).ravel()[0]), name
+    for s, vals in jax.device_get(rows):
+      for name, v in vals.items():
+        v = np.asarray(v, np.float64)
+        if not np.all(np.isfinite(v)):
+          return s, float(v.ravel()[0]), name
     self._checked = len(self._rows)
     return None
 

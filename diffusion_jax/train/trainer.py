@@ -52,7 +52,8 @@ from diffusion_jax.registry import check_choice
 from diffusion_jax.train import mesh as mesh_lib
 from diffusion_jax.train.checkpoint import Checkpointer
 from diffusion_jax.train.config_loading import flatten
-from diffusion_jax.train.metrics import Accumulator, MetricWriter, sample_sheet, save_png
+from diffusion_jax.images import sample_sheet, save_png
+from diffusion_jax.train.metrics import Accumulator, MetricWriter
 from diffusion_jax.train.optim import OPTIMIZERS, SCHEDULES, check_groups, make_optimizer
 from diffusion_jax.train.remat import REMAT_POLICIES
 
