@@ -285,3 +285,99 @@ def precision_recall(real, fake, k: int = 3, block: int = 1024) -> Dict[str, flo
     raise ValueError(f"precision_recall with k={k} needs more than {k} samples per set.")
   r_real, r_fake = _radii(real, k, block), _radii(fake, k, block)
   return {"precision": _coverage(fake, real, r_real, block), "recall": _coverage(real, fake, r_fake, block)}
+
+
+# ------------------------------------------------------------------------------------------ for experiments
+
+
+def file_sha256(path: str) -> str:
+  import hashlib
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def local_data_mesh():
+  """A 1-axis ("data") mesh over this host's devices (None on multi-host runs: one device per host then)."""
+  if jax.process_count() > 1:
+    return None
+  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.local_devices())
+
+
+class FIDEvaluator:
+  """FID (+ optional precision / recall) for an experiment's `evaluate()`, configured by `config.eval`:
+
+  inception_path (safetensors from scripts/convert_inception.py; required), fid_resize ("pytorch_fid" |
+  "clean_fid"), batch_size (feature batch), allow_few_samples, precision_recall (keeps the features: 8 KiB
+  per image), reference_stats (a path for the cached reference statistics).
+
+  Construction checks the weights file, the resize name and the sample count, so a mistake ends the run
+  before any sampling; the network is loaded on first use."""
+
+  def __init__(self, eval_config, num_samples: int):
+    ec = eval_config or {}
+    get = lambda k, d: ec[k] if k in ec else d  # noqa: E731
+    self.path = str(get("inception_path", "") or "")
+    if not self.path or not os.path.exists(self.path):
+      inception_lib.load_params(self.path)  # raises the FileNotFoundError that says how to make the file
+    self.resize = str(get("fid_resize", "pytorch_fid"))
+    if self.resize not in RESIZES:
+      raise ValueError(f"config.eval.fid_resize={self.resize!r}; valid: {', '.join(RESIZES)}.")
+    check_num_samples(int(num_samples), allow_few=bool(get("allow_few_samples", False)))
+    self.batch_size = int(get("fid_batch_size", get("batch_size", 64)))
+    self.with_pr = bool(get("precision_recall", False))
+    self.reference_path = str(get("reference_stats", "") or "")
+    self._ext = None
+    self._sha = None
+
+  @property
+  def extractor(self) -> InceptionFeatures:
+    if self._ext is None:
+      self._ext = InceptionFeatures.from_file(self.path, resize=self.resize, batch_size=self.batch_size,
+                                              mesh=local_data_mesh())
+    return self._ext
+
+  def weights_sha256(self) -> str:
+    if self._sha is None:
+      self._sha = file_sha256(self.path)
+    return self._sha
+
+  def features_and_stats(self, batches: Iterable[np.ndarray]):
+    """Streams uint8 NHWC batches -> (FeatureStats, features [n, 2048] or None when P/R is off)."""
+    st, keep = FeatureStats(inception_lib.FEATURE_DIM), []
+    for b in batches:
+      f = self.extractor(b)
+      st.update(f)
+      if self.with_pr:
+        keep.append(f)
+    return st, (np.concatenate(keep) if keep else None)
+
+  def reference(self, batches_fn, meta: dict, default_path: str):
+    """(mu, sigma, n, features|None) of the reference set, cached at config.eval.reference_stats (or
+    `default_path`) under `meta` + this network's sha256 and resize; recomputed when those differ."""
+    path = self.reference_path or default_path
+    meta = dict(meta, inception_sha256=self.weights_sha256(), resize=self.resize, with_features=self.with_pr)
+    if os.path.exists(path):
+      with np.load(path, allow_pickle=False) as z:
+        if "meta" in z and json.loads(str(z["meta"])) == meta:
+          feats = np.asarray(z["features"]) if "features" in z else None
+          return np.asarray(z["mu"]), np.asarray(z["sigma"]), int(z["num"]), feats
+    st, feats = self.features_and_stats(batches_fn())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    extra = {"features": feats} if feats is not None else {}
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, mu=st.mean(), sigma=st.cov(), num=np.int64(st.n), meta=json.dumps(meta), **extra)
+    os.replace(tmp, path)
+    return st.mean(), st.cov(), st.n, feats
+
+  def score(self, fake: FeatureStats, fake_feats, ref) -> Dict[str, object]:
+    mu, sigma, n, ref_feats = ref
+    out: Dict[str, object] = {"fid": frechet_distance(fake.mean(), fake.cov(), mu, sigma),
+                              "fid_num_samples": float(fake.n), "fid_num_reference": float(n),
+                              "fid_resize": self.resize, "fid_network": "pytorch-fid Inception-v3 pool_3 (2048)"}
+    if self.with_pr and fake_feats is not None and ref_feats is not None:
+      out.update({f"{k}_k3": v for k, v in precision_recall(ref_feats, fake_feats, k=3).items()})
+    return out

@@ -226,6 +226,26 @@ def torch_to_flax(sd: Dict[str, np.ndarray], require_fc: bool = True) -> Dict:
   return io.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
+def flax_to_torch(params) -> Dict[str, np.ndarray]:
+  """Flax params -> PyTorch state dict with torchvision / pytorch-fid names (the inverse of `torch_to_flax`;
+  BN `num_batches_tracked` is not written)."""
+  from diffusion_jax.pretrained import io
+  inv = {v: k for k, v in _BN.items()}
+  out = {}
+  for k, v in io.flatten(params).items():
+    v = np.asarray(v, np.float32)
+    parts = k.split("/")
+    if parts[-1] in inv:
+      out[".".join(parts[:-1]) + "." + inv[parts[-1]]] = v
+    elif k == "fc/kernel":
+      out["fc.weight"] = v.T
+    elif k == "fc/bias":
+      out["fc.bias"] = v
+    else:  # <layer>/conv/kernel
+      out[".".join(parts[:-1]) + ".weight"] = v.transpose(3, 2, 0, 1)
+  return out
+
+
 def load_params(path: str, *, allow_pickle: bool = False) -> Dict:
   """Flax params from a safetensors file of the PyTorch state dict (see `scripts/convert_inception.py`)."""
   import os

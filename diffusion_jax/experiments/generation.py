@@ -36,6 +36,7 @@ feature function (`FEATURES`; "random_conv" is a fixed random conv net: only a *
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Callable, Dict, Optional, Tuple
 
@@ -181,6 +182,11 @@ class GenerationExperiment(Experiment):
     self.feature_fn = feature_fn
     self._apply_fn = functools.partial(_apply_model, self.model, self.time_scale)
     self._check_sample_config(c.get("sample") or {})
+    ec = c.get("eval") or ml_collections.ConfigDict()
+    self._fid = None  # Inception FID (eval/fid.py): weights file, resize and sample count checked here
+    if _get(ec, "inception_path", "") or _get(ec, "fid_feature", "") == "inception":
+      from diffusion_jax.eval import fid as fid_lib
+      self._fid = fid_lib.FIDEvaluator(ec, int(_get(ec, "num_samples", 256)))
     if self.vae_kind == "sd" and not _get(lat, "vae_path", ""):
       raise ValueError("config.latent.vae='sd' needs config.latent.vae_path: a diffusers AutoencoderKL directory "
                        "(e.g. a local copy of stabilityai/sd-vae-ft-ema).")
@@ -317,6 +323,9 @@ class GenerationExperiment(Experiment):
     y = jnp.zeros((b,), jnp.int32) if self.num_classes else None
     return self.model.init(rng, x, t, y)["params"]
 
+  def pretrained_source(self):
+    return self.config.get("init_from", "") or None
+
   def load_params(self, like):
     """`config.init_from`: released latent DiffiT weights (NVlabs safetensors layout), read on the host and
     checked against `like` (the abstract params); None without init_from."""
@@ -415,7 +424,7 @@ class GenerationExperiment(Experiment):
     if self.feature_fn is not None:
       return np.asarray(self.feature_fn(images))
     name = _get(self.config.get("eval"), "fid_feature", "random_conv" if self.data_name == "shapes" else "none")
-    if name == "none":
+    if name in ("none", "inception"):  # "inception": FIDEvaluator, on uint8 samples
       return None
     return FEATURES.get(name)(images)
 
@@ -424,15 +433,24 @@ class GenerationExperiment(Experiment):
     n = int(_get(ec, "num_samples", 256))
     bs = int(_get(ec, "batch_size", 128))
     labels = (np.arange(n) % self.num_classes).astype(np.int32) if self.num_classes else None
-    imgs = []
+    from diffusion_jax.eval.fid import check_images
+    # float samples only where the parser / a feature function reads them; uint8 (the .npz, FID) always
+    keep_float = self.data_name == "shapes" or self.feature_fn is not None or _get(ec, "fid_feature", "random_conv" if self.data_name == "shapes"
+                                                    else "none") not in ("none", "inception")
+    imgs, imgs_u8 = [], []
     for i, start in enumerate(range(0, n, bs)):
       k = min(bs, n - start)
       lab = None
       if labels is not None:  # pad the last batch: every batch runs the same compiled sampler
         lab = np.concatenate([labels[start:start + k], np.zeros(bs - k, np.int32)])
-      imgs.append(np.asarray(self.generate(params, frozen, jax.random.fold_in(rng, i), lab, num=bs))[:k])
-    imgs = np.concatenate(imgs)
+      batch = np.asarray(self.generate(params, frozen, jax.random.fold_in(rng, i), lab, num=bs))[:k]
+      imgs_u8.append(check_images(batch, "-1,1"))
+      if keep_float:
+        imgs.append(batch)
+    imgs_u8 = np.concatenate(imgs_u8)
+    imgs = np.concatenate(imgs) if keep_float else None
     out: Dict[str, float] = {"num_samples": float(n)}
+    out.update(self._dump_and_fid(imgs_u8, labels, workdir, bs))
     if self.data_name == "shapes" and self.num_classes:
       from diffusion_jax.data import shapes as S
       from diffusion_jax.eval import shapes_parser as P
@@ -452,6 +470,46 @@ class GenerationExperiment(Experiment):
       out["frechet_distance"] = frechet_distance(*feature_statistics(feats),
                                                  *feature_statistics(self._features(ref)))
     return out
+
+  def _dump_and_fid(self, imgs_u8, labels, workdir, bs) -> Dict[str, object]:
+    """Samples -> DIR/eval/samples_<N>x<H>x<W>x3.npz (uint8 NHWC `arr_0`, labels `arr_1`: the ADM evaluator's
+    layout; config.eval.save_npz=False skips it) and, with Inception weights, FID against cached reference
+    statistics of the data set's test split."""
+    ec = self.config.get("eval") or ml_collections.ConfigDict()
+    out: Dict[str, object] = {}
+    edir = os.path.join(workdir, "eval") if workdir else None
+    if edir and bool(_get(ec, "save_npz", True)) and jax.process_index() == 0:
+      os.makedirs(edir, exist_ok=True)
+      path = os.path.join(edir, "samples_{}x{}x{}x{}.npz".format(*imgs_u8.shape))
+      arrays = {"arr_0": imgs_u8} if labels is None else {"arr_0": imgs_u8, "arr_1": labels}
+      np.savez(path, **arrays)
+      out["samples_npz"] = path
+    if self._fid is None:
+      if self.data_name != "shapes":
+        out["fid_status"] = ("not measured: no Inception weights (set config.eval.inception_path to the "
+                             "safetensors made by scripts/convert_inception.py; docs/eval.md)")
+      return out
+    n_ref = int(_get(ec, "reference_num_samples", len(imgs_u8)))
+    fake, fake_feats = self._fid.features_and_stats(imgs_u8[i:i + bs] for i in range(0, len(imgs_u8), bs))
+    meta = {"data": self.data_name, "data_config": json.dumps(self.config.data.to_dict(), sort_keys=True,
+                                                             default=str),
+            "split": "test", "image_size": self.image_size, "num": n_ref}
+    default = os.path.join(edir or ".", f"reference_stats_{self.data_name}_test_{n_ref}_{self._fid.resize}.npz")
+    ref = self._fid.reference(lambda: self._reference_batches(n_ref, bs), meta, default)
+    out.update(self._fid.score(fake, fake_feats, ref))
+    return out
+
+  def _reference_batches(self, n: int, bs: int):
+    """uint8 NHWC batches of the first n test examples, resized like training data (streamed)."""
+    from diffusion_jax.data.pipeline import ResizeCrop
+    from diffusion_jax.eval.fid import check_images
+    src = self._source("test", int(self.config.seed))
+    n = min(n, len(src))
+    rc = ResizeCrop(self.image_size)
+    for start in range(0, n, bs):
+      chunk = [np.asarray(rc.map(src[i])["image"]) for i in range(start, min(n, start + bs))]
+      chunk = np.stack(chunk)
+      yield chunk if chunk.dtype == np.uint8 else check_images(chunk, "-1,1")  # float sources: [-1, 1]
 
   def _reference_images(self, n: int) -> np.ndarray:
     from diffusion_jax.data.pipeline import ResizeCrop, ToFloatImage
