@@ -16,6 +16,9 @@ $(VENV)/.core-installed: setup.cfg pyproject.toml
 $(VENV)/.test-installed: $(VENV)/.core-installed
 	$(PYBIN) -m pip install -q torch==2.13.0
 	$(PYBIN) -m pip install -q -e ".[test]"
+	# Eval parity references (tests/eval): their torchvision dependency cannot be met beside the CPU torch
+	# wheel, so they come without dependencies; the tests re-state the torchvision layers they use.
+	$(PYBIN) -m pip install -q --no-deps pytorch-fid==0.3.0 lpips==0.1.4 clean-fid==0.1.35
 	touch $@
 
 venv: $(VENV)/.core-installed
