@@ -13,6 +13,8 @@ A task config starts from it and overrides what it needs:
 Keys (see docs/readme/10_training.md for what each one does):
   experiment, seed, dtype ("float32"|"bfloat16": compute dtype; params stay float32),
   remat ("none"|"full"|"dots"|"dots_no_batch"), param_sharding ("replicated"|"fsdp"),
+  attention ("auto"|"xla"|"dot_product_attention"|"chunked": the attention implementation every network uses,
+  see diffusion_jax/models/attention.py; "auto" picks per platform and shape),
   data.{name, batch_size (global), num_workers, prefetch, data_dir, ...},
   model.{name, ...}, optim.{name, lr, b1, b2, eps, weight_decay, momentum, schedule, warmup_steps,
   decay_steps, restart_period, min_lr_ratio, grad_clip, grad_accum},
@@ -38,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.remat = "none"
   c.param_sharding = "replicated"
+  c.attention = "auto"            # attention implementation (diffusion_jax/models/attention.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ""

@@ -39,13 +39,14 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import ml_collections
 from absl import logging
 
+from diffusion_jax.models import attention
 from diffusion_jax.train.config_loading import flatten
 
 STAGE_RECORD = "stage.json"
 # Keys that change how a run is executed or logged, not what it trains.
 OPERATIONAL_KEYS = ("train.progress_bar", "train.log_every", "train.async_ckpt", "train.keep_ckpts",
                     "train.ckpt_every", "train.sample_every", "train.num_samples", "data.num_workers",
-                    "data.prefetch", "mesh.")
+                    "data.prefetch", "mesh.", "attention")
 MODES = ("train", "sample", "eval")
 RESERVED = ("checkpoints", "samples", "export", "cache")  # what a run writes into its own WORKDIR
 
@@ -221,6 +222,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, *, restage: Iterabl
                                 "config": flat, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
       sub_stages = resolve(sub, stage_dir, restage=restage, train_missing=True, _memo=memo)
       print(f"[stages] {name}: training {sub.experiment} in {stage_dir}", flush=True)
+      attention.configure(sub)
       result = trainer.train(sub, stage_dir, sub_stages)
       if result.get("preempted") or int(result.get("step", 0)) < int(sub.train.num_steps):
         raise StageInterrupted(name, result)
@@ -250,11 +252,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train", re
   if unknown:
     raise ValueError(f"--restage names {sorted(unknown)}, which are not stages of this config. Its stages: "
                      f"{', '.join(sorted(_all_names(config))) or '(none)'}.")
+  attention.configure(config)  # fails on an unknown implementation name before any stage runs
   try:
     stages = resolve(config, workdir, restage=restage, train_missing=mode == "train")
   except StageInterrupted as e:
     logging.warning("%s; rerun the same command to resume it.", e)
     return {**e.result, "preempted": True, "stage": e.name}
+  attention.configure(config)
+  logging.info("Attention implementation: %s (config.attention).", attention.get_default())
   if mode == "train":
     return trainer.train(config, workdir, stages)
   if mode == "sample":

@@ -15,7 +15,7 @@ times exp(logit_scale) (CLIP paper Fig. 3).
 
 Param trees use the transformers module names with "/" for "." and `layers_N` for `layers.N`; params are float32,
 computation runs in `dtype`. Images are NHWC (JAX convention), not NCHW. Attention uses
-`jax.nn.dot_product_attention`.
+`models/attention.py` (implementation by name).
 
 Usage::
 
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from diffusion_jax.models import attention as attn_lib
 from diffusion_jax.registry import check_choice
 
 Array = jax.Array
@@ -150,7 +151,7 @@ class CLIPAttention(nn.Module):
     q = dense("q_proj")(x).reshape(b, t, self.num_heads, hd)
     k = dense("k_proj")(x).reshape(b, t, self.num_heads, hd)
     v = dense("v_proj")(x).reshape(b, t, self.num_heads, hd)
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5)
+    o = attn_lib.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5)
     return dense("out_proj")(o.reshape(b, t, self.hidden_size))
 
 
@@ -231,8 +232,10 @@ class CLIPTextTransformer(nn.Module):
   config: CLIPTextConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   @nn.compact
+  @attn_lib.scoped
   def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                position_ids: Optional[Array] = None) -> Dict[str, Any]:
     c = self.config
@@ -263,8 +266,10 @@ class CLIPTextModel(nn.Module):
   with_projection: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   @nn.compact
+  @attn_lib.scoped
   def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                position_ids: Optional[Array] = None) -> Dict[str, Any]:
     out = CLIPTextTransformer(self.config, self.dtype, self.remat, name="text_model")(
@@ -304,8 +309,10 @@ class CLIPVisionTransformer(nn.Module):
   config: CLIPVisionConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   @nn.compact
+  @attn_lib.scoped
   def __call__(self, pixel_values: Array) -> Dict[str, Any]:
     c = self.config
     ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32, name=name)
@@ -322,8 +329,10 @@ class CLIPVisionModel(nn.Module):
   with_projection: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   @nn.compact
+  @attn_lib.scoped
   def __call__(self, pixel_values: Array) -> Dict[str, Any]:
     out = CLIPVisionTransformer(self.config, self.dtype, self.remat, name="vision_model")(pixel_values)
     if self.with_projection:
@@ -346,6 +355,7 @@ class CLIPModel(nn.Module):
   config: CLIPConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   def setup(self):
     c = self.config
@@ -355,12 +365,15 @@ class CLIPModel(nn.Module):
     self.visual_projection = nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init_value), ())
 
+  @attn_lib.scoped
   def get_text_features(self, input_ids: Array, attention_mask: Optional[Array] = None) -> Array:
     return self.text_projection(self.text_model(input_ids, attention_mask)["pooler_output"])
 
+  @attn_lib.scoped
   def get_image_features(self, pixel_values: Array) -> Array:
     return self.visual_projection(self.vision_model(pixel_values)["pooler_output"])
 
+  @attn_lib.scoped
   def __call__(self, input_ids: Array, pixel_values: Array,
                attention_mask: Optional[Array] = None) -> Dict[str, Any]:
     t_out = self.text_model(input_ids, attention_mask)

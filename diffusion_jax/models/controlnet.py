@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import attention as attn_lib
 from diffusion_jax.models import sd_layers as L
 from diffusion_jax.models import MODELS
 from diffusion_jax.models.unet import (BlockConfigMixin, UNetConfig, build_down_blocks, build_embedding,
@@ -146,8 +147,10 @@ class ControlNetModel(nn.Module):
   config: Union[ControlNetConfig, str]
   dtype: Any = jnp.float32
   remat: str = "none"
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   @nn.compact
+  @attn_lib.scoped
   def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
                class_labels=None, guess_mode: bool = False, controlnet_query_cond=None):
     cfg, dtype = resolve_controlnet_config(self.config), jnp.dtype(self.dtype)

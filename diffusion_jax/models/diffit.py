@@ -4,7 +4,7 @@
   tokens plus a temporal projection of the time token x_t (separate weights), i.e. one Dense(3D) on tokens plus one
   Dense(3D) on x_t broadcast-added; Softmax(Q K^T / sqrt(d) + B) V with a learned Swin-style relative position
   bias table B of (2w-1)^2 x heads (not time-conditioned), inside non-overlapping w x w windows (no shift) or
-  globally; output Dense. Attention runs through `jax.nn.dot_product_attention`.
+  globally; output Dense. Attention runs through `models/attention.py`.
 * `DiffiTBlock`: pre-LN transformer block, x = TMSA(LN(x), x_t) + x; x = MLP(LN(x)) + x (Eq. 7-8).
 * `DiffiTResBlock`: x = DiffiTBlock(Conv3x3(Swish(GN(x))), x_t) + x (Eq. 9-10).
 * `DiffiTImage` ("diffit_image"): the image-space U-shaped hybrid network (Fig. 4, App. H.1 / I.1).
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.models import attention as attn_lib
 from diffusion_jax.models import MODELS
 from diffusion_jax.models.layers import (LabelEmbedder, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed,
                                          maybe_remat, patchify_conv, to_dtype, unpatchify, xavier_uniform)
@@ -103,7 +104,7 @@ class TMSA(nn.Module):
       idx = relative_position_index(w).reshape(-1)
       bias = jnp.take(table, idx, axis=0).reshape(n, n, self.num_heads).transpose(2, 0, 1)[None]
       bias = bias.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=hd ** -0.5)
+    out = attn_lib.dot_product_attention(q, k, v, bias=bias, scale=hd ** -0.5)
     out = out.reshape(b, nw, n, self.dim)
     out = dense(self.dim, "proj")(out)
     return out[:, 0] if squeeze else out
@@ -209,8 +210,10 @@ class DiffiTImage(nn.Module):
   remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   @nn.compact
+  @attn_lib.scoped
   def __call__(self, x, t, y=None):
     check_choice("skip_merge", self.skip_merge, ("concat", "add"))
     check_choice("resample", self.resample, ("conv", "resize"))
@@ -304,12 +307,14 @@ class DiffiTLatent(nn.Module):
   remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   @property
   def out_channels(self) -> int:
     return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
   @nn.compact
+  @attn_lib.scoped
   def __call__(self, x, t, y=None):
     dtype, pdt = to_dtype(self.dtype), to_dtype(self.param_dtype)
     b, hh, ww, cin = x.shape

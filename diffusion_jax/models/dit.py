@@ -9,11 +9,12 @@ token). Sizes S/B/L/XL x patch 2/4/8 via `DIT_SIZES` / `dit_kwargs("XL/2")`.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax.models import attention as attn_lib
 from diffusion_jax.models import MODELS
 from diffusion_jax.models.diffit import TMSA
 from diffusion_jax.models.layers import (LabelEmbedder, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed,
@@ -82,12 +83,14 @@ class DiT(nn.Module):
   remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   @property
   def out_channels(self) -> int:
     return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
   @nn.compact
+  @attn_lib.scoped
   def __call__(self, x, t, y=None):
     dtype, pdt = to_dtype(self.dtype), to_dtype(self.param_dtype)
     b, hh, ww, cin = x.shape

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from diffusion_jax.models import attention as attn_lib
 from diffusion_jax.registry import check_choice
 
 Array = jax.Array
@@ -119,7 +120,7 @@ class PriorAttention(nn.Module):
     v = dense(inner, "to_v")(x).reshape(b, t, self.heads, self.head_dim)
     if bias is not None:
       bias = bias.astype(q.dtype)
-    o = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=self.head_dim ** -0.5)
+    o = attn_lib.dot_product_attention(q, k, v, bias=bias, scale=self.head_dim ** -0.5)
     o = dense(x.shape[-1], "to_out_0")(o.reshape(b, t, inner))
     return nn.Dropout(self.dropout)(o, deterministic=deterministic)
 
@@ -180,8 +181,10 @@ class PriorTransformer(nn.Module):
   config: PriorConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   @nn.compact
+  @attn_lib.scoped
   def __call__(self, hidden_states: Array, proj_embedding: Array, encoder_hidden_states: Optional[Array] = None,
                attention_mask: Optional[Array] = None, timestep: Optional[Array] = None,
                deterministic: bool = True) -> Array:

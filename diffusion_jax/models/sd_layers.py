@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import attention as attn_lib
+
 Dtype = Any
 
 
@@ -105,20 +107,14 @@ class ResnetBlock2D(nn.Module):
     return out
 
 
-def attention(q, k, v, heads: int, upcast: bool, dtype: Dtype):
-  """Multi-head scaled dot-product attention on (B, T, heads*dh) tensors via `jax.nn.dot_product_attention`.
-
-  `upcast` computes the attention in float32 (diffusers `upcast_attention` / `upcast_softmax`)."""
-  b, tq, _ = q.shape
-  tk = k.shape[1]
-  dh = q.shape[-1] // heads
-  q = q.reshape(b, tq, heads, dh)
-  k = k.reshape(b, tk, heads, dh)
-  v = v.reshape(b, tk, heads, v.shape[-1] // heads)
+def attention(q, k, v, heads: int, upcast: bool, dtype: Dtype, implementation: Optional[str] = None):
+  """Multi-head scaled dot-product attention on (B, T, heads*dh) tensors (`models/attention.py`; scores and
+  softmax are float32 in every implementation). `upcast` also runs the QK and PV products in float32
+  (diffusers `upcast_attention` / `upcast_softmax`)."""
   if upcast:
     q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-  out = jax.nn.dot_product_attention(q, k, v)
-  return out.reshape(b, tq, -1).astype(dtype)
+  out = attn_lib.multihead(q, k, v, heads, implementation=implementation)
+  return out.astype(dtype)
 
 
 class Attention(nn.Module):

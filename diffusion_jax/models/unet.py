@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import attention as attn_lib
 from diffusion_jax.models import sd_layers as L
 from diffusion_jax.models import MODELS
 from diffusion_jax.registry import Registry, check_choice
@@ -255,12 +256,15 @@ class UNet2DConditionModel(nn.Module):
   `ControlNetModel`) and `mid_block_additional_residual`; they are added to the skips / mid output.
 
   `config` is a UNetConfig or a preset name ("sd15", "sd21", "tiny"); `dtype` is the compute dtype (params stay
-  float32); `remat` ("none" | "full" | "dots" | ...) rematerialises every resnet and transformer block."""
+  float32); `remat` ("none" | "full" | "dots" | ...) rematerialises every resnet and transformer block;
+  `attention` names the attention implementation (`models/attention.py`; None: the process default)."""
   config: Union[UNetConfig, str]
   dtype: Any = jnp.float32
   remat: str = "none"
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   @nn.compact
+  @attn_lib.scoped
   def __call__(self, sample, timesteps, encoder_hidden_states, class_labels=None,
                down_block_additional_residuals: Optional[Sequence[jax.Array]] = None,
                mid_block_additional_residual: Optional[jax.Array] = None):

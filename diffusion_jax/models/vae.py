@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import attention as attn_lib
 from diffusion_jax.models import sd_layers as L
 from diffusion_jax.models.unet import config_from_dict, config_to_dict, count_params  # noqa: F401
 from diffusion_jax.models import MODELS
@@ -227,6 +228,7 @@ class AutoencoderKL(nn.Module):
   config: Any
   dtype: Any = jnp.float32
   remat: str = "none"  # accepted for build_model; the VAE is used frozen, so it is not rematerialised
+  attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
 
   def setup(self):
     cfg = self.cfg = resolve_vae_config(self.config)
@@ -238,16 +240,19 @@ class AutoencoderKL(nn.Module):
     if cfg.use_post_quant_conv:
       self.post_quant_conv = L._conv(cfg.latent_channels, kernel=1, padding=0, dtype=dtype)
 
+  @attn_lib.scoped
   def encode(self, x):
     """Moments [mean, logvar] of the posterior (before clipping)."""
     h = self.encoder(x)
     return self.quant_conv(h) if self.cfg.use_quant_conv else h
 
+  @attn_lib.scoped
   def decode(self, z):
     if self.cfg.use_post_quant_conv:
       z = self.post_quant_conv(z.astype(self.dtype))
     return self.decoder(z)
 
+  @attn_lib.scoped
   def __call__(self, x, rng=None):
     post = DiagonalGaussian(self.encode(x))
     z = post.sample(rng) if rng is not None else post.mode()
