@@ -59,7 +59,9 @@ def sd_config(arg: str, *, name: str, prediction_type: str, image_size: int, gui
   c.diffusion.snr_gamma = 0.0
   c.diffusion.change_prediction_type = False  # True: fine-tune into another parameterisation than the pipeline's
 
-  c.sample.sampler = "dpmpp_2m"   # ddim | dpmpp_2m | euler; options from the pipeline's scheduler config
+  # ddim | dpmpp_2m | dpmpp | euler | euler_ancestral | heun | unipc | ddpm; options from the pipeline's scheduler
+  # config, overridden by config.sample.options (diffusers scheduler-config keys, e.g. use_karras_sigmas=True).
+  c.sample.sampler = "dpmpp_2m"
   c.sample.steps = 4 if tiny else 25
   c.sample.guidance = guidance
   c.sample.eta = 0.0
@@ -72,7 +74,7 @@ def sd_config(arg: str, *, name: str, prediction_type: str, image_size: int, gui
   c.optim.warmup_steps = 0
   c.optim.grad_clip = 1.0
   c.remat = "none" if tiny else "full"
-  c.train.num_steps = (2 if tiny else 15000) if finetune else 0   # 0: sample the pipeline as it is
+  c.train.num_steps = (2 if tiny else 15000) if finetune else 0   # 0: --mode sample / eval use the pipeline's UNet
   c.train.log_every = 1 if tiny else 50
   c.train.ckpt_every = 2 if tiny else 1000
   c.train.sample_every = 0 if tiny else (1000 if finetune else 0)

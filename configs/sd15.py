@@ -1,8 +1,6 @@
 """Stable Diffusion 1.5 (epsilon prediction, 512x512): sampling and fine-tuning a local diffusers pipeline.
 
-    # sample (writes WORKDIR/samples/final_0000000.png + .npz); the pipeline's UNet is the initial params:
-    python -m diffusion_jax.main --config configs/sd15.py --workdir runs/sd15 \
-        --config.stages.pipeline.path=/path/to/stable-diffusion-v1-5
+    # sample the released UNet, no training (WORKDIR/samples/final_0000000.png + .npz; --mode eval likewise):
     python -m diffusion_jax.main --config configs/sd15.py --workdir runs/sd15 --mode sample \
         --config.stages.pipeline.path=/path/to/stable-diffusion-v1-5 [--config.dtype=bfloat16]
     # fine-tune the UNet on a captioned image folder (VAE + text encoder frozen, latents cached):

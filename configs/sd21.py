@@ -1,7 +1,5 @@
 """Stable Diffusion 2.1 (768-v: v-prediction, 768x768): sampling and fine-tuning a local diffusers pipeline.
 
-    python -m diffusion_jax.main --config configs/sd21.py --workdir runs/sd21 \
-        --config.stages.pipeline.path=/path/to/stable-diffusion-2-1
     python -m diffusion_jax.main --config configs/sd21.py --workdir runs/sd21 --mode sample \
         --config.stages.pipeline.path=/path/to/stable-diffusion-2-1 [--config.dtype=bfloat16]
     python -m diffusion_jax.main --config configs/sd21.py:finetune --workdir runs/sd21_ft \

@@ -83,6 +83,11 @@ class Experiment:
   def load_params(self, abstract_params: PyTree) -> Optional[PyTree]:
     return None
 
+  def pretrained_source(self) -> Optional[str]:
+    """Where `load_params` reads released weights from (a path), or None when it returns None. Cheap (no loading):
+    `--mode sample|eval` without a checkpoint use those weights (step 0) when this is set."""
+    return None
+
   def loss(self, params, frozen, ema: Mapping[str, PyTree], batch, rng, step) -> Tuple[Any, Dict[str, Any]]:
     raise NotImplementedError
 

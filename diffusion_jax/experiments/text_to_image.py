@@ -12,7 +12,8 @@ Where the pieces come from (frozen weights are loaded on the host in `load_froze
 * stage `pipeline` (kind "sd_pipeline"): a local diffusers directory in the `model_index.json` layout
   (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`). Its text encoder, tokenizer and VAE are the
   frozen weights, its `scheduler/scheduler_config.json` gives the noise schedule and the prediction type, and
-  its UNet is the initial params (`load_params`, fine-tuning). `config.train.num_steps = 0` samples it as it is.
+  its UNet is the initial params (`load_params`, fine-tuning); `--mode sample|eval` without a checkpoint use it as
+  it is (`pretrained_source`).
 * otherwise stage `clip` (kind "hf_clip"): a transformers CLIP (e.g. the shapes CLIP of `configs/clip_shapes.py`);
   its text tower is the frozen text encoder, the UNet is trained from scratch (`config.model.unet`) in pixel
   space, with the schedule of `config.diffusion`.
@@ -25,10 +26,15 @@ moments (float16) computed once with the frozen weights. Otherwise they are comp
 
 Sampling (`sample`, `evaluate`, `sample_images`): one jitted function per (sampler, steps, guided, shape) runs
 the text encoder, the whole sampler loop (`core/samplers`, lax.scan; conditional and unconditional halves in
-one batched UNet call) and the VAE decoder. `config.sample.sampler` is "ddim", "dpmpp_2m" or "euler"; with a
-pipeline, its scheduler config supplies the sampler options it shares with diffusers' scheduler of that
-name (the keys `SchedulerMixin.from_config` would carry over), so the result matches
+one batched UNet call) and the VAE decoder. `config.sample.sampler` is one of `SAMPLER_NAMES` (ddim, dpmpp_2m,
+dpmpp, euler, euler_ancestral, heun, unipc, ddpm); the pipeline's scheduler config (or `config.diffusion`),
+overridden by `config.sample.options` (diffusers scheduler-config keys), is read by
+`core.scheduler_config.from_diffusers_config` for that sampler's diffusers class, so the result matches
 `StableDiffusionPipeline` with `scheduler=<Class>.from_config(pipe.scheduler.config)`.
+
+Pixel space can put `config.model.pixel_patch` (p) pixels on channels (space-to-depth: the UNet sees
+[H/p, W/p, 3 p^2]); the diffusion is unchanged (a permutation of the pixels) but the convolutions run at 1/p^2
+of the positions. The export records p in `model_index.json` (`"_pixel_patch"`, a key diffusers skips).
 
 `export` writes a diffusers pipeline directory (export kind "sd_pipeline"): `unet/` (`diffusers_io.save_unet`),
 `text_encoder/`, `tokenizer/`, `scheduler/`, `vae/` when latent, and `model_index.json`.
@@ -38,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shutil
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -52,21 +57,18 @@ from diffusion_jax.experiments.base import EXPERIMENTS, EXPORT_KINDS, Experiment
 from diffusion_jax.registry import check_choice
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-SAMPLER_NAMES = ("ddim", "dpmpp_2m", "euler")
-DATA_SOURCES = ("shapes", "image_folder", "tfds", "prompts")
-
-# The diffusers scheduler of each sampler, and the options its config carries (key -> the class default).
+# Sampler name -> the diffusers scheduler class it mirrors (its options are read from a scheduler config by
+# `core.scheduler_config.from_diffusers_config`, as `<Class>.from_config(pipe.scheduler.config)` would).
 DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-                        "euler": "EulerDiscreteScheduler"}
-_SCHEDULER_DEFAULTS = {
-    "ddim": {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True, "clip_sample": True,
-             "clip_sample_range": 1.0},
-    "dpmpp_2m": {"timestep_spacing": "linspace", "steps_offset": 0, "use_karras_sigmas": False,
-                 "final_sigmas_type": "zero", "lower_order_final": True, "algorithm_type": "dpmsolver++",
-                 "solver_type": "midpoint", "euler_at_final": False, "lambda_min_clipped": -math.inf},
-    "euler": {"timestep_spacing": "linspace", "steps_offset": 0, "use_karras_sigmas": False,
-              "final_sigmas_type": "zero"},
-}
+                        "dpmpp": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
+                        "euler_ancestral": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
+                        "unipc": "UniPCMultistepScheduler", "ddpm": "DDPMScheduler"}
+SAMPLER_NAMES = tuple(DIFFUSERS_SCHEDULERS)
+STOCHASTIC_SAMPLERS = ("euler_ancestral", "ddpm")
+DATA_SOURCES = ("shapes", "image_folder", "tfds", "prompts")
+# model_index.json key of a pixel-space pipeline whose UNet runs on space-to-depth patches (private to this project:
+# diffusers skips keys that start with "_").
+PIXEL_PATCH_KEY = "_pixel_patch"
 _SCHEDULE_KEYS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                   "prediction_type": "epsilon", "rescale_betas_zero_snr": False}
 
@@ -88,26 +90,24 @@ def check_sd_pipeline(path: str) -> None:
 def scheduler_settings(scheduler_config: Dict[str, Any], sampler: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """A diffusers `scheduler_config.json` dict -> (schedule settings, sampler keyword options) for `sampler`.
 
-  Keys the config has are used; the others take the defaults of the diffusers scheduler of that sampler
-  (`DIFFUSERS_SCHEDULERS`), as `<Scheduler>.from_config(config)` does."""
+  The options are those `core.scheduler_config.from_diffusers_config(config, class_name=<sampler's class>)`
+  reads: the keys the config has, the others at the defaults of that diffusers class, keys of other schedulers
+  dropped (as `<Scheduler>.from_config(config)` does), unsupported values reported in one error."""
+  from diffusion_jax.core.scheduler_config import from_diffusers_config
   check_choice("sampler (config.sample.sampler)", sampler, SAMPLER_NAMES)
   d = dict(scheduler_config)
   if d.get("trained_betas") is not None:
     raise ValueError("scheduler_config.json sets trained_betas, which this pipeline does not read; remove it or "
                      "use a config with beta_schedule / beta_start / beta_end.")
-  if d.get("thresholding"):
-    raise ValueError("scheduler_config.json sets thresholding=true (dynamic thresholding), which is not "
-                     "implemented; set it to false.")
   sched = {k: d.get(k, v) for k, v in _SCHEDULE_KEYS.items()}
   check_choice("prediction_type (scheduler config)", sched["prediction_type"], PREDICTION_TYPES)
-  opts = {k: d.get(k, v) for k, v in _SCHEDULER_DEFAULTS[sampler].items()}
-  if sampler == "ddim":
-    clip = opts.pop("clip_sample")
-    rng_ = opts.pop("clip_sample_range")
-    opts["clip_sample"] = float(rng_) if clip else None
-  if sampler == "dpmpp_2m" and d.get("solver_order", 2) != 2:
-    raise ValueError(f"scheduler_config.json has solver_order={d['solver_order']}; the 'dpmpp_2m' sampler is "
-                     "second order. Set solver_order to 2.")
+  d.setdefault("_class_name", "DDIMScheduler")
+  opts = dict(from_diffusers_config(d, class_name=DIFFUSERS_SCHEDULERS[sampler]).options)
+  opts.pop("prediction_type", None)
+  if sampler == "dpmpp_2m":
+    if opts.pop("solver_order", 2) != 2:
+      raise ValueError(f"scheduler_config.json has solver_order={d['solver_order']}; the 'dpmpp_2m' sampler is "
+                       "second order. Set solver_order to 2, or use config.sample.sampler='dpmpp' (any order).")
   return sched, opts
 
 
@@ -167,6 +167,21 @@ def load_tokenizer(tok_dir: Optional[str], max_length: int):
 _SAMPLE_FNS: Dict[Any, Any] = {}
 
 
+def to_model_space(images, patch: int):
+  """Pixels [B, H, W, 3] -> what a pixel-space UNet with `pixel_patch` sees: [B, H/p, W/p, 3 p^2]."""
+  if patch == 1:
+    return images
+  from diffusion_jax.experiments.generation import space_to_depth
+  return space_to_depth(images, patch)
+
+
+def from_model_space(x, patch: int):
+  if patch == 1:
+    return x
+  from diffusion_jax.experiments.generation import depth_to_space
+  return depth_to_space(x, patch)
+
+
 def _text_states(module, params, ids):
   return module.apply({"params": params}, ids)["last_hidden_state"]
 
@@ -208,10 +223,23 @@ class _Host:
                          "(config.stages.pipeline.path); set use_vae=False for pixel space.")
       self.vae_config, self.vae_params = diffusers_io.load_vae(self.pipeline_dir, subfolder="vae")
     self.scheduler_config = None
+    self.pixel_patch = int(c.model.get("pixel_patch", 1) or 1)
     if self.pipeline_dir:
       p = os.path.join(self.pipeline_dir, "scheduler", "scheduler_config.json")
       with open(p) as fh:
         self.scheduler_config = json.load(fh)
+      with open(os.path.join(self.pipeline_dir, "model_index.json")) as fh:
+        patch = int(json.load(fh).get(PIXEL_PATCH_KEY, 1))
+      if "pixel_patch" in c.model and int(c.model.pixel_patch) != patch:
+        raise ValueError(f"config.model.pixel_patch={c.model.pixel_patch} but the pipeline {self.pipeline_dir} was "
+                         f"trained with pixel patch {patch} (model_index.json {PIXEL_PATCH_KEY!r}); drop the "
+                         "override.")
+      self.pixel_patch = patch
+    if self.pixel_patch < 1:
+      raise ValueError(f"config.model.pixel_patch={self.pixel_patch} must be >= 1 (1: plain pixels).")
+    if self.pixel_patch > 1 and use_vae:
+      raise ValueError("config.model.pixel_patch > 1 is for pixel space; it cannot be combined with a VAE "
+                       "(config.model.use_vae=True).")
     self._encode = jax.jit(functools.partial(_text_states, self.text_module))
 
   def tokenize(self, captions: Sequence[str]) -> np.ndarray:
@@ -299,10 +327,16 @@ class TextToImageExperiment(Experiment):
 
   def schedule_settings(self, sampler: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     sampler = sampler or str(self.config.sample.get("sampler", "ddim"))
-    if self.host.scheduler_config is not None:
-      sched, opts = scheduler_settings(self.host.scheduler_config, sampler)
-    else:
-      sched, opts = scheduler_settings(_config_schedule(self.config.diffusion), sampler)
+    base = (dict(self.host.scheduler_config) if self.host.scheduler_config is not None
+            else _config_schedule(self.config.diffusion))
+    # config.sample.options: diffusers scheduler-config keys (timestep_spacing, clip_sample, use_karras_sigmas,
+    # ...) that override the pipeline's (or config.diffusion's) before they are read.
+    overrides = dict(self.config.sample.get("options", None) or {})
+    bad = sorted(set(overrides) & set(_SCHEDULE_KEYS))
+    if bad:
+      raise ValueError(f"config.sample.options sets {bad}: those define the noise schedule the model was trained "
+                       "on; set them in config.diffusion (or the pipeline's scheduler config), not at sampling.")
+    sched, opts = scheduler_settings({**base, **overrides}, sampler)
     pt = str(self.config.diffusion.get("prediction_type", "") or "")
     if pt:
       check_choice("config.diffusion.prediction_type", pt, PREDICTION_TYPES)
@@ -315,8 +349,6 @@ class TextToImageExperiment(Experiment):
             "config.diffusion.prediction_type='' to take the pipeline's, or set "
             "config.diffusion.change_prediction_type=True to fine-tune it into the other parameterisation.")
       sched["prediction_type"] = pt
-    for k, v in (self.config.sample.get("options", None) or {}).items():
-      opts[k] = v
     return sched, opts
 
   @functools.cached_property
@@ -339,7 +371,20 @@ class TextToImageExperiment(Experiment):
       if s % f:
         raise ValueError(f"config.data.image_size={s} must be divisible by the VAE's downsampling factor {f}.")
       return (s // f, s // f, int(self.unet_config.in_channels))
-    return (s, s, int(self.unet_config.in_channels))
+    p = self.pixel_patch
+    if s % p:
+      raise ValueError(f"config.data.image_size={s} must be divisible by config.model.pixel_patch={p}.")
+    if int(self.unet_config.in_channels) != 3 * p * p or int(self.unet_config.out_channels) != 3 * p * p:
+      raise ValueError(f"config.model.pixel_patch={p} puts {3 * p * p} channels (3 x {p} x {p}) into the UNet, but "
+                       f"its in/out channels are {self.unet_config.in_channels}/{self.unet_config.out_channels}; "
+                       f"set config.model.unet.in_channels = out_channels = {3 * p * p}.")
+    return (s // p, s // p, int(self.unet_config.in_channels))
+
+  @property
+  def pixel_patch(self) -> int:
+    """Space-to-depth factor of a pixel-space model (1: the UNet sees pixels; p: p x p pixel patches on channels).
+    The diffusion itself is unchanged (space-to-depth is a permutation of the pixels)."""
+    return 1 if self.latent else self.host.pixel_patch
 
   # -- data ------------------------------------------------------------------------------------------
 
@@ -459,8 +504,13 @@ class TextToImageExperiment(Experiment):
       frozen["vae"] = h.vae_params
     return frozen
 
-  def load_params(self, abstract_params):
+  def pretrained_source(self):
     if not self.stages.get("pipeline") or self.config.model.get("unet", ""):
+      return None
+    return os.path.join(self.stages["pipeline"], "unet")
+
+  def load_params(self, abstract_params):
+    if self.pretrained_source() is None:
       return None
     from diffusion_jax.pretrained import diffusers_io
     _, params = diffusers_io.load_unet(self.stages["pipeline"], subfolder="unet")
@@ -496,7 +546,7 @@ class TextToImageExperiment(Experiment):
     x = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1.0
     if self.latent:
       return encode_to_latents(frozen["vae"], self.host.vae_config, x, rng, dtype=self.dtype)
-    return x
+    return to_model_space(x, self.pixel_patch)
 
   def loss(self, params, frozen, ema, batch, rng, step):
     from diffusion_jax.core.losses import diffusion_loss
@@ -518,7 +568,8 @@ class TextToImageExperiment(Experiment):
     from diffusion_jax.core import samplers
     sched_settings, opts = self.schedule_settings(sampler)
     # One compiled function per network / schedule / sampler setting, shared by every experiment instance.
-    key = (self.host.text_module, self.unet, self.host.vae_config, sampler, int(steps), bool(guided), float(eta),
+    key = (self.host.text_module, self.unet, self.host.vae_config, self.pixel_patch, sampler, int(steps),
+           bool(guided), float(eta),
            json.dumps(sched_settings, sort_keys=True), json.dumps(dict(opts), sort_keys=True, default=str))
     if key in _SAMPLE_FNS:
       return _SAMPLE_FNS[key]
@@ -529,12 +580,14 @@ class TextToImageExperiment(Experiment):
     text_module, unet, latent = self.host.text_module, self.unet, self.latent
     vae_cfg = self.host.vae_config
     dtype = self.dtype
+    patch = self.pixel_patch
 
     def fn(unet_params, frozen, ids, x_T, guidance, rng):
       from diffusion_jax.models.vae import decode_latents
       ctx = _text_states(text_module, frozen["text"], ids).astype(jnp.float32)
       kw = dict(num_steps=int(steps), schedule=schedule, prediction_type=pt, cond=ctx, **opts)
-      if sampler == "ddim" and eta:
+      if ((sampler == "ddim" and eta) or sampler in STOCHASTIC_SAMPLERS
+          or str(opts.get("algorithm_type", "")).startswith("sde")):
         kw["rng"] = rng
       if guided:
         kw["uncond"] = jnp.broadcast_to(jnp.asarray(frozen["null_text"], jnp.float32), ctx.shape)
@@ -542,6 +595,8 @@ class TextToImageExperiment(Experiment):
       x = samplers.sample(sampler, jax.tree_util.Partial(functools.partial(_unet_fn, unet), unet_params), x_T, **kw)
       if latent:
         x = decode_latents(frozen["vae"], vae_cfg, x.astype(dtype), dtype=dtype)
+      else:
+        x = from_model_space(x, patch)
       return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     _SAMPLE_FNS[key] = jax.jit(fn)
@@ -631,6 +686,8 @@ def export_pipeline(exp: TextToImageExperiment, params, directory: str) -> None:
            "tokenizer": ["transformers", "CLIPTokenizer"],
            "scheduler": ["diffusers", str(sched_cfg.get("_class_name", "DDIMScheduler"))],
            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+  if exp.pixel_patch > 1:
+    index[PIXEL_PATCH_KEY] = exp.pixel_patch
   if h.vae_params is not None:
     diffusers_io.save_vae(os.path.join(directory, "vae"), h.vae_config, h.vae_params)
     index["vae"] = ["diffusers", "AutoencoderKL"]

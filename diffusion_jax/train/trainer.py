@@ -105,9 +105,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check_choice("optimizer (config.optim.name)", config.optim.get("name", "adamw"), OPTIMIZERS)
   check_choice("learning-rate schedule (config.optim.schedule)", config.optim.get("schedule", "constant"),
                SCHEDULES)
-  for key in ("data.batch_size", "train.num_steps"):
-    if int(_get(config, key)) <= 0:
-      raise ValueError(f"config.{key} must be positive, got {_get(config, key)}.")
+  if int(_get(config, "data.batch_size")) <= 0:
+    raise ValueError(f"config.data.batch_size must be positive, got {_get(config, 'data.batch_size')}.")
+  if int(_get(config, "train.num_steps")) < 0:  # 0: nothing to train (sample / evaluate released weights)
+    raise ValueError(f"config.train.num_steps must be >= 0, got {_get(config, 'train.num_steps')}.")
   if int(_get(config, "train.log_every", 1)) <= 0:
     raise ValueError("config.train.log_every must be positive.")
   accum = int(_get(config, "optim.grad_accum", 1))
@@ -247,7 +248,7 @@ class _Run:
     self.num_steps = int(config.train.num_steps)
     self.ema_decays = ema_decays(config)
     self.sample_with = str(_get(config, "train.sample_with", "params"))
-    self.tx, self.schedule = make_optimizer(config.optim, self.num_steps)
+    self.tx, self.schedule = make_optimizer(config.optim, max(self.num_steps, 1))  # 0 steps: sample / eval
     self._sample_batch = None
 
     pi, pc = jax.process_index(), jax.process_count()
@@ -496,6 +497,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Dict
   metrics (`step`, `loss`, ...), the evaluation results under "eval/<name>", `preempted=True` when a SIGTERM
   stopped the run early, and `export` (the export directory, or None).
   """
+  if int(config.train.num_steps) == 0:
+    raise ValueError("config.train.num_steps=0: there is nothing to train. To sample or evaluate released weights "
+                     "(e.g. a diffusers pipeline's UNet) without training, run with --mode sample or --mode eval; "
+                     "to fine-tune, set --config.train.num_steps=N.")
   check_writable(workdir, os.path.join(workdir, "checkpoints"))
   is_main = jax.process_index() == 0
   run = _Run(config, workdir, "train", stages)
@@ -721,14 +726,25 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
 
 
 def _restore_latest(config, workdir: str, stages: Optional[Dict[str, str]] = None):
-  """The test-split run and the latest checkpoint's state (never trains; fails before loading anything heavy
-  when there is no checkpoint)."""
+  """The test-split run and the latest checkpoint's state (never trains). Without a checkpoint, the released
+  weights of the experiment's `pretrained_source()` (e.g. a diffusers pipeline's UNet) at step 0; with neither,
+  fails before loading anything heavy."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   ckpt = Checkpointer(ckpt_dir, keep=int(config.train.get("keep_ckpts", 3)), use_async=False)
   if ckpt.latest_step() is None:
     ckpt.close()
-    raise FileNotFoundError(f"No checkpoint in {ckpt.directory}. Train first: "
-                            f"python -m diffusion_jax.main --config ... --workdir {workdir} --mode train")
+    source = get_experiment(config, stages).pretrained_source()
+    if source is None:
+      raise FileNotFoundError(f"No checkpoint in {ckpt.directory}. Train first: "
+                              f"python -m diffusion_jax.main --config ... --workdir {workdir} --mode train")
+    run = _Run(config, workdir, "eval", stages)
+    try:
+      state = run.init_state()
+    except Exception:
+      run.close()
+      raise
+    logging.info("No checkpoint in %s: using the released weights of %s (step 0).", ckpt.directory, source)
+    return run, state, 0
   run = _Run(config, workdir, "eval", stages)
   try:
     step, state, _ = ckpt.restore_newest(run.abstract_state)

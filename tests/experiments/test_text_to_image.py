@@ -61,7 +61,9 @@ def test_export_loads_in_diffusers_and_matches(shapes_run):
   ucfg, params = diffusers_io.load_unet(out["export"])
   ref = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(out["export"], "unet")).eval()
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+  # the tiny config's UNet sees 2x2 pixel patches: 16x16x3 images -> 8x8x12
+  assert (ucfg.sample_size, ucfg.in_channels) == (8, 12)
+  x = rng.standard_normal((2, 8, 8, 12)).astype(np.float32)
   ctx = rng.standard_normal((2, 24, ucfg.cross_attention_dim)).astype(np.float32)
   t = np.array([10.0, 700.0], np.float32)
   ours = np.asarray(UNet2DConditionModel(ucfg).apply({"params": params}, x, t, ctx))
@@ -94,14 +96,26 @@ def test_sample_compiles_once(shapes_run, compiles):
   assert a.shape == (4, 16, 16, 3) and 0.0 <= a.min() and a.max() <= 1.0
 
 
+def _space_to_depth(x, p):
+  """[B, H, W, C] -> [B, H/p, W/p, p*p*C], channels ordered (row in patch, column in patch, colour)."""
+  b, h, w, c = x.shape
+  out = np.zeros((b, h // p, w // p, p * p * c), x.dtype)
+  for i in range(p):
+    for j in range(p):
+      out[..., (i * p + j) * c:(i * p + j + 1) * c] = x[:, i::p, j::p, :]
+  return out
+
+
 def test_loss_matches_reference(shapes_run):
-  """The loss is the per-example MSE of the UNet's prediction against eps (SD-1) or v (SD-2), with the
-  dropped captions' states replaced by the empty caption's."""
+  """The loss is the min-SNR-weighted per-example MSE of the UNet's prediction against eps (SD-1) or v (SD-2)
+  on 2x2 pixel patches, with the dropped captions' states replaced by the empty caption's."""
   wd, cfg, _ = shapes_run
   for pt in ("epsilon", "v_prediction"):
     c = sd_shapes.get_config("tiny")
     c.diffusion.prediction_type = pt
     c.data.caption_drop = 0.5
+    gamma = c.diffusion.snr_gamma
+    assert gamma == 5.0 and c.model.pixel_patch == 2
     exp = get_experiment(c, stages={"clip": os.path.join(wd, "clip", "export")})
     frozen = exp.load_frozen()
     params = exp.init(jax.random.PRNGKey(0), None, frozen)
@@ -120,16 +134,37 @@ def test_loss_matches_reference(shapes_run):
     ctx = exp.host.encode(ids)
     kt, kn = jax.random.split(k_loss)
     t = np.asarray(jax.random.randint(kt, (4,), 0, 1000))
-    noise = np.asarray(jax.random.normal(kn, (4, 16, 16, 3)))
-    x0 = batch["image"].astype(np.float32) / 127.5 - 1.0
+    noise = np.asarray(jax.random.normal(kn, (4, 8, 8, 12)))
+    x0 = _space_to_depth(batch["image"].astype(np.float32) / 127.5 - 1.0, 2)
     ac = np.asarray(exp.schedule.alphas_cumprod, np.float64)[t][:, None, None, None]
     xt = np.sqrt(ac) * x0 + np.sqrt(1 - ac) * noise
     target = noise if pt == "epsilon" else np.sqrt(ac) * noise - np.sqrt(1 - ac) * x0
     pred = np.asarray(exp.unet.apply({"params": params}, jnp.asarray(xt, jnp.float32), jnp.asarray(t, jnp.float32),
                                      jnp.asarray(ctx)))
-    want = np.mean((pred - target) ** 2)
-    assert 0 < drop.sum() < 4
+    snr = ac[:, 0, 0, 0] / (1 - ac[:, 0, 0, 0])
+    w = np.minimum(snr, gamma) / (snr if pt == "epsilon" else snr + 1)  # min-SNR-gamma (Hang et al. 2023)
+    want = np.mean(w * np.mean((pred - target) ** 2, axis=(1, 2, 3)))
+    assert 0 < drop.sum() < 4 and np.ptp(w) > 0.01
     np.testing.assert_allclose(float(loss), want, rtol=2e-4)
+
+
+def test_pixel_patch_round_trip_and_export(shapes_run, tmp_path):
+  """Space-to-depth is the permutation written out above and is undone exactly; the export records the patch,
+  a config using the export as its pipeline reads it, and a contradicting config is refused."""
+  wd, cfg, out = shapes_run
+  x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+  z = np.asarray(T.to_model_space(jnp.asarray(x), 2))
+  np.testing.assert_array_equal(z, _space_to_depth(x, 2))
+  np.testing.assert_array_equal(np.asarray(T.from_model_space(jnp.asarray(z), 2)), x)
+  index = json.load(open(os.path.join(out["export"], "model_index.json")))
+  assert index[T.PIXEL_PATCH_KEY] == 2
+  c = sd_shapes.get_config("tiny")
+  del c.model["pixel_patch"]
+  exp = get_experiment(c, stages={"pipeline": out["export"]})
+  assert exp.pixel_patch == 2 and exp.latent_shape == (8, 8, 12)
+  c.model.pixel_patch = 1
+  with pytest.raises(ValueError, match="pixel patch 2"):
+    get_experiment(c, stages={"pipeline": out["export"]}).pixel_patch
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +213,31 @@ def test_sd21_tiny_finetune_and_sample(tiny_pipe, tmp_path):
   s = np.load(tmp_path / "samples" / "samples.npz")
   assert s["image"].shape == (2, 16, 16, 3) and os.path.exists(tmp_path / "samples" / "0001.png")
   assert np.isfinite(s["image"]).all() and s["image"].std() > 0
+
+
+def test_sample_and_eval_a_pipeline_without_training(tiny_pipe, tmp_path):
+  """`--mode sample` of the SD-2.1 config on a pipeline: no checkpoint, the pipeline's UNet at step 0, the
+  sample sheet + npz written, the images those of the experiment's own sampler; training 0 steps is refused."""
+  from diffusion_jax.train import trainer
+  cfg = sd21.get_config("tiny")
+  cfg.stages.pipeline.path = tiny_pipe
+  cfg.data.prompts = ["a red circle", "a blue square"]
+  cfg.train.num_samples = 2
+  wd = str(tmp_path / "wd")
+  out = stages.run(cfg, wd, mode="sample")
+  assert out["step"] == 0 and os.path.exists(out["path"])
+  arrays = np.load(out["path"].replace(".png", ".npz"))
+  assert arrays["image"].shape == (2, 16, 16, 3) and arrays["image"].std() > 1e-3
+  exp = get_experiment(cfg, stages={"pipeline": tiny_pipe})
+  frozen = jax.tree.map(jnp.asarray, exp.load_frozen())
+  rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0x5A4E)  # the key `trainer.sample` uses
+  want = exp.sample_images(exp.load_params(None), frozen, exp.host.tokenize(cfg.data.prompts), rng)
+  np.testing.assert_allclose(arrays["image"], np.asarray(want), atol=1e-5)
+  with pytest.raises(ValueError, match="--mode sample"):
+    stages.run(cfg, str(tmp_path / "wd2"))
+  cfg.model.unet = "tiny"  # a UNet trained from scratch: no released weights, so a checkpoint is required
+  with pytest.raises(FileNotFoundError, match="Train first"):
+    trainer.sample(cfg, str(tmp_path / "wd3"), stages={"pipeline": tiny_pipe})
 
 
 def test_paper_scale_parameter_counts():

@@ -1,6 +1,7 @@
 """The text-to-image sampling path against diffusers' StableDiffusionPipeline, end to end, on tiny random
 components saved to a temporary pipeline directory: same prompts and initial latents in, same images out, for
-DDIM and DPM-Solver++(2M) (SD-1-style epsilon and SD-2-style v-prediction), with classifier-free guidance."""
+DDIM, DPM-Solver++(2M), Euler and UniPC (SD-1-style epsilon and SD-2-style v-prediction), with classifier-free
+guidance; each scheduler built by diffusers' `<Class>.from_config(pipe.scheduler.config)`."""
 
 import os
 import sys
@@ -56,11 +57,10 @@ def _diffusers_images(pipe, lat, scheduler_cls):
   return np.asarray(out.images, np.float32)
 
 
-@pytest.mark.parametrize("sampler,cls", [("ddim", "DDIMScheduler"), ("dpmpp_2m", "DPMSolverMultistepScheduler")])
+@pytest.mark.parametrize("sampler,cls", [("ddim", "DDIMScheduler"), ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+                                         ("euler", "EulerDiscreteScheduler"), ("unipc", "UniPCMultistepScheduler")])
 def test_matches_stable_diffusion_pipeline(setup, sampler, cls):
   exp, frozen, params, pipe, lat = setup
-  if exp.prediction_type == "v_prediction" and sampler == "ddim":
-    pytest.skip("SD-2 (v) is checked with DPM-Solver++ only, to keep the suite fast; DDIM shares its v handling")
   ref = _diffusers_images(pipe, lat, getattr(diffusers, cls))
   ids = exp.host.tokenize(PROMPTS)
   # The tokeniser pads like the pipeline's (49407 for SD-1, "!" = 0 for SD-2).
