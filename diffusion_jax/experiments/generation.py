@@ -187,6 +187,10 @@ class GenerationExperiment(Experiment):
     if _get(ec, "inception_path", "") or _get(ec, "fid_feature", "") == "inception":
       from diffusion_jax.eval import fid as fid_lib
       self._fid = fid_lib.FIDEvaluator(ec, int(_get(ec, "num_samples", 256)))
+    self._shapes_fd = None
+    if _get(ec, "fid_feature", "") == "shapes_fd":  # loads (and checks) the net's weights file at start-up
+      from diffusion_jax.eval.shapes_fd import ShapesFD
+      self._shapes_fd = ShapesFD(str(_get(ec, "shapes_fd_path", "")))
     if self.vae_kind == "sd" and not _get(lat, "vae_path", ""):
       raise ValueError("config.latent.vae='sd' needs config.latent.vae_path: a diffusers AutoencoderKL directory "
                        "(e.g. a local copy of stabilityai/sd-vae-ft-ema).")
@@ -426,6 +430,8 @@ class GenerationExperiment(Experiment):
     name = _get(self.config.get("eval"), "fid_feature", "random_conv" if self.data_name == "shapes" else "none")
     if name in ("none", "inception"):  # "inception": FIDEvaluator, on uint8 samples
       return None
+    if name == "shapes_fd":  # eval/shapes_fd.py: a net trained on the shapes world (config.eval.shapes_fd_path)
+      return self._shapes_fd.features(images)
     return FEATURES.get(name)(images)
 
   def evaluate(self, params, frozen, rng, workdir: str) -> Dict[str, float]:
@@ -467,8 +473,8 @@ class GenerationExperiment(Experiment):
     feats = self._features(imgs)
     if feats is not None:
       ref = self._reference_images(n)
-      out["frechet_distance"] = frechet_distance(*feature_statistics(feats),
-                                                 *feature_statistics(self._features(ref)))
+      key = "shapes_fd" if self._shapes_fd is not None and self.feature_fn is None else "frechet_distance"
+      out[key] = frechet_distance(*feature_statistics(feats), *feature_statistics(self._features(ref)))
     return out
 
   def _dump_and_fid(self, imgs_u8, labels, workdir, bs) -> Dict[str, object]:
