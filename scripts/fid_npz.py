@@ -49,9 +49,10 @@ def main(argv=None):
   p.add_argument("--precision_recall", action="store_true")
   p.add_argument("--allow_few_samples", action="store_true")
   p.add_argument("--save_stats", default="")
+  p.add_argument("--no_shard", action="store_true", help="one device instead of all local devices")
   a = p.parse_args(argv)
   from diffusion_jax.eval import fid
-  ext = fid.InceptionFeatures.from_file(a.inception, resize=a.resize, batch_size=a.batch, mesh=fid.local_data_mesh())
+  ext = fid.InceptionFeatures.from_file(a.inception, resize=a.resize, batch_size=a.batch, mesh=None if a.no_shard else fid.local_data_mesh())
   mu1, s1, n1, f1, _ = _side(a.a, ext, a.precision_recall)
   mu2, s2, n2, f2, st2 = _side(a.b, ext, a.precision_recall)
   for n in (n1, n2):

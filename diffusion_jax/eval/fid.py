@@ -91,6 +91,24 @@ def _features(params, images_u8, *, resize: str, logits: bool):
   return inception_lib.InceptionV3().apply({"params": params}, x, logits=logits)
 
 
+_JITTED: Dict[tuple, object] = {}
+
+
+def _jitted_features(resize: str, logits: bool, mesh):
+  """One jitted function per (resize, logits, mesh), shared by every extractor: a second extractor (another
+  evaluate() call, a script in the same process) reuses the compiled programs."""
+  key = (resize, logits, mesh)
+  if key not in _JITTED:
+    fn = functools.partial(_features, resize=resize, logits=logits)
+    if mesh is None:
+      _JITTED[key] = jax.jit(fn)
+    else:
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+      _JITTED[key] = jax.jit(fn, in_shardings=(rep, data), out_shardings=data)
+  return _JITTED[key]
+
+
 class InceptionFeatures:
   """Jitted, batched (and mesh-sharded) FID Inception features of uint8 NHWC images.
 
@@ -102,7 +120,6 @@ class InceptionFeatures:
     if resize not in RESIZES:
       raise ValueError(f"Unknown resize convention {resize!r}; valid: {', '.join(RESIZES)}.")
     self.resize, self.logits, self.mesh = resize, logits, mesh
-    fn = functools.partial(_features, resize=resize, logits=logits)
     if mesh is not None:
       from jax.sharding import NamedSharding, PartitionSpec as P
       nd = int(mesh.shape["data"])
@@ -110,11 +127,10 @@ class InceptionFeatures:
       rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
       self.params = jax.device_put(params, rep)
       self._data_sharding = data
-      self._fn = jax.jit(fn, in_shardings=(rep, data), out_shardings=data)
     else:
       self.params = jax.device_put(params)
       self._data_sharding = None
-      self._fn = jax.jit(fn)
+    self._fn = _jitted_features(resize, logits, mesh)
     self.batch_size = int(batch_size)
 
   @classmethod
@@ -312,7 +328,8 @@ class FIDEvaluator:
 
   inception_path (safetensors from scripts/convert_inception.py; required), fid_resize ("pytorch_fid" |
   "clean_fid"), batch_size (feature batch), allow_few_samples, precision_recall (keeps the features: 8 KiB
-  per image), reference_stats (a path for the cached reference statistics).
+  per image), reference_stats (a path for the cached reference statistics), fid_shard (default True: the
+  batch split over all local devices).
 
   Construction checks the weights file, the resize name and the sample count, so a mistake ends the run
   before any sampling; the network is loaded on first use."""
@@ -330,6 +347,7 @@ class FIDEvaluator:
     self.batch_size = int(get("fid_batch_size", get("batch_size", 64)))
     self.with_pr = bool(get("precision_recall", False))
     self.reference_path = str(get("reference_stats", "") or "")
+    self.shard = bool(get("fid_shard", True))  # False: one device (no mesh)
     self._ext = None
     self._sha = None
 
@@ -337,7 +355,7 @@ class FIDEvaluator:
   def extractor(self) -> InceptionFeatures:
     if self._ext is None:
       self._ext = InceptionFeatures.from_file(self.path, resize=self.resize, batch_size=self.batch_size,
-                                              mesh=local_data_mesh())
+                                              mesh=local_data_mesh() if self.shard else None)
     return self._ext
 
   def weights_sha256(self) -> str:

@@ -36,27 +36,28 @@ def weights(tmp_path_factory):
   return path
 
 
-def _cfg(weights, n=16):
+def _cfg(weights, n=8):
   cfg = importlib.import_module("configs.diffit_shapes").get_config("tiny")
   cfg.data.num_test = 200
   cfg.eval.num_samples = n
-  cfg.eval.batch_size = 8   # the sampler's batches
-  cfg.eval.fid_batch_size = 16
+  cfg.eval.batch_size = 4   # the sampler's batches
+  cfg.eval.fid_batch_size = 8
   cfg.eval.fid_feature = "none"
   cfg.eval.inception_path = weights
   cfg.eval.allow_few_samples = True
+  cfg.eval.fid_shard = False  # sharded extraction: tests/eval/test_fid.py (a 4-device compile costs ~1 min here)
   return cfg
 
 
-def test_eval_writes_npz_and_fid_against_cached_reference(weights, monkeypatch, tmp_path):
-  """Samples := test images 100..115, reference := test images 0..15. Checks the .npz, that FID equals
+def test_eval_writes_npz_and_fid_against_cached_reference(weights, monkeypatch, tmp_path, capsys):
+  """Samples := test images 100..107, reference := test images 0..7. Checks the .npz, that FID equals
   features -> np.cov -> Frechet computed directly, and that the reference statistics are cached."""
   exp = get_experiment(_cfg(weights))
   src = exp._source("test", 0)
-  other = np.stack([np.asarray(src[100 + i]["image"]) for i in range(16)])
-  ref = np.stack([np.asarray(src[i]["image"]) for i in range(16)])
+  other = np.stack([np.asarray(src[100 + i]["image"]) for i in range(8)])
+  ref = np.stack([np.asarray(src[i]["image"]) for i in range(8)])
   assert other.dtype == np.uint8 and other.shape[1:] == (exp.image_size, exp.image_size, 3)
-  batches = iter([other[:8], other[8:]])
+  batches = iter([other[:4], other[4:]])
   monkeypatch.setattr(exp, "generate", lambda p, f, r, labels=None, num=None, **k:
                       jnp.asarray(next(batches) / 127.5 - 1.0, jnp.float32))
   calls = []
@@ -67,15 +68,27 @@ def test_eval_writes_npz_and_fid_against_cached_reference(weights, monkeypatch, 
   with np.load(out["samples_npz"]) as z:
     assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == other.shape
     np.testing.assert_array_equal(z["arr_0"], other)  # uint8 -> [-1, 1] -> uint8 is exact
-    np.testing.assert_array_equal(z["arr_1"], np.arange(16) % exp.num_classes)
-  assert out["fid_resize"] == "pytorch_fid" and out["fid_num_samples"] == 16 and out["fid_num_reference"] == 16
+    np.testing.assert_array_equal(z["arr_1"], np.arange(8) % exp.num_classes)
+  assert out["fid_resize"] == "pytorch_fid" and out["fid_num_samples"] == 8 and out["fid_num_reference"] == 8
   ext = exp._fid.extractor
   a, b = ext(other).astype(np.float64), ext(ref).astype(np.float64)
   want = fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
   assert want > 0
   assert out["fid"] == pytest.approx(want, rel=1e-6)
 
-  assert calls == [16]
+  # the standalone script on the dumped .npz and a reference .npz gives the same number
+  import importlib.util, json, os  # noqa: E401
+  spec = importlib.util.spec_from_file_location(
+      "_fid_npz", os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "fid_npz.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  np.savez(tmp_path / "ref.npz", arr_0=ref)
+  script.main([out["samples_npz"], str(tmp_path / "ref.npz"), "--inception", weights, "--batch", "8",
+               "--allow_few_samples", "--no_shard"])
+  res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert res["fid"] == pytest.approx(want, rel=1e-6) and res["resize"] == "pytorch_fid"
+
+  assert calls == [8]
   cache = [p for p in (tmp_path / "eval").iterdir() if p.name.startswith("reference_stats")]
   assert len(cache) == 1
   meta = {"data": exp.data_name, "split": "test"}
