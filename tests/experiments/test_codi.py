@@ -288,3 +288,55 @@ def test_experiment_loss_options_run(tiny_pipe, tmp_path):
     assert m["consistency"] > 0, name
     res[name] = m
   assert 2 <= res["release"]["cfg_scale"] < 14
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+def test_configs():
+  """Paper-scale configs carry the released code's hyper-parameters; the shapes variants parse; bad words fail."""
+  from configs import codi_sd15, codi_sd21, codi_shapes
+  for mod, pt, size in ((codi_sd15, "epsilon", 512), (codi_sd21, "v_prediction", 768)):
+    c = mod.get_config("inpaint,pe")
+    assert (c.optim.lr, c.optim.weight_decay, c.optim.grad_clip, c.optim.schedule) == (1e-5, 1e-2, 1.0, "constant")
+    assert dict(c.train.ema) == {"target": 0.999} and c.train.sample_with == "target"
+    assert (c.data.image_size, c.diffusion.prediction_type, c.data.task) == (size, pt, "inpaint")
+    assert c.codi.adapter == "pe_codi" and c.optim.groups.controlnet.match == "^controlnet/"
+    assert not c.optim.train_unmatched and c.stages.pipeline.kind == "sd_pipeline"
+    assert (c.codi.grid_size, c.codi.sigma_data, c.codi.timestep_scaling) == (50, 0.5, 10.0)
+    assert (c.sample.sampler, c.sample.steps) == ("consistency", 4)
+  c = codi_shapes.get_config("depth")
+  assert c.data.task == "depth" and c.codi.adapter == "codi" and c.codi.objective == "codi"
+  assert c.optim.groups.gate.match == "^codi/mu$" and "target" in c.train.ema
+  c = codi_shapes.get_config("edge,diffusion,pe")
+  assert c.codi.objective == "diffusion" and c.sample.sampler == "ddim" and "target" not in c.train.ema
+  c = codi_shapes.get_config("sr,no_consistency,true_eps,base_ode,per_example_t,eps_space,cfg_aware")
+  assert (c.codi.consistency_weight, c.codi.ode_noise, c.codi.ode_model, c.codi.shared_t,
+          c.codi.consistency_space, c.codi.cfg_aware) == (0.0, "true", "base", False, "epsilon", True)
+  with pytest.raises(ValueError, match="Valid"):
+    codi_shapes.get_config("sr,typo")
+  with pytest.raises(ValueError, match="several tasks"):
+    codi_sd15.get_config("sr,edge")
+
+
+def test_bad_settings_name_the_fix():
+  from configs import codi_shapes
+  from diffusion_jax.experiments.base import get_experiment
+  st = {"pipeline": "/nonexistent"}  # nothing is read before the first use
+  for key, value, match in (("codi.adapter", "lora", "Valid"), ("codi.ode_model", "teacher", "Valid"),
+                            ("sample.sampler", "euler", "Valid"), ("data.task", "colour", "Valid")):
+    c = codi_shapes.get_config("tiny")
+    node, last = (c.codi, key.split(".")[1]) if key.startswith("codi") else (c[key.split(".")[0]], key.split(".")[1])
+    node[last] = value
+    with pytest.raises(ValueError, match=match):
+      get_experiment(c, stages=st)
+  c = codi_shapes.get_config("tiny")
+  c.train.ema = {"ema": 0.9}
+  with pytest.raises(ValueError, match="train.ema.target"):
+    get_experiment(c, stages=st)
+  c = codi_shapes.get_config("tiny")
+  c.codi.typo = 1
+  with pytest.raises(ValueError, match="Unknown config.codi keys"):
+    get_experiment(c, stages=st)
+  with pytest.raises(ValueError, match="stages.pipeline"):
+    get_experiment(codi_shapes.get_config("tiny"), stages={})
