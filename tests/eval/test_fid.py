@@ -96,7 +96,11 @@ def test_check_images_errors():
 def test_sharded_extraction_matches_single_device():
   """Random weights; batch over 4 (fake CPU) devices == the same on one device; padding of the last batch."""
   assert len(jax.devices()) >= 4
-  params = inception.InceptionV3().init(jax.random.key(0), np.zeros((1, 299, 299, 3), np.float32))["params"]
+  from diffusion_jax.pretrained import io
+  rng = np.random.default_rng(0)  # random params from the abstract tree (an eager Flax init costs ~1 min here)
+  params = io.unflatten({k: (rng.normal(size=v.shape) * np.sqrt(2.0 / np.prod(v.shape[:-1]))).astype(np.float32)
+                         if k.endswith("kernel") else np.full(v.shape, 0.5 if "var" in k else 0.1, np.float32)
+                         for k, v in io.flatten(inception.abstract_params()).items()})
   imgs = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
   mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   a = fid.InceptionFeatures(params, batch_size=4, mesh=mesh)(imgs)
