@@ -441,8 +441,8 @@ class GenerationExperiment(Experiment):
     labels = (np.arange(n) % self.num_classes).astype(np.int32) if self.num_classes else None
     from diffusion_jax.eval.fid import check_images
     # float samples only where the parser / a feature function reads them; uint8 (the .npz, FID) always
-    keep_float = self.data_name == "shapes" or self.feature_fn is not None or _get(ec, "fid_feature", "random_conv" if self.data_name == "shapes"
-                                                    else "none") not in ("none", "inception")
+    feature = _get(ec, "fid_feature", "random_conv" if self.data_name == "shapes" else "none")
+    keep_float = self.data_name == "shapes" or self.feature_fn is not None or feature not in ("none", "inception")
     imgs, imgs_u8 = [], []
     for i, start in enumerate(range(0, n, bs)):
       k = min(bs, n - start)
