@@ -6,9 +6,11 @@ same weights, prompts and initial latents, and the shapes base (a trained `confi
     python benchmarks/t2i_sampling.py --pipeline /path/to/sd-pipeline --image_size 512 --batch 8 --bf16
     python benchmarks/t2i_sampling.py --shapes runs/sd_shapes/export   # the shapes base, images/s
 
-For each step count (25, 50) the two pipelines are timed in interleaved rounds (JAX, PyTorch, JAX, ...) after a
-warm-up; the table gives the median images/s and the ratio. "Per step" is (loop time / steps) against one
-batched (cond + uncond) UNet call timed on its own, i.e. what the loop costs beyond the network. torch and
+For each step count (25, 50) the two pipelines and one batched (cond + uncond) UNet call of each are timed in
+interleaved rounds (JAX loop, PyTorch loop, JAX UNet, PyTorch UNet, ...) after a warm-up; the tables give the
+best round (the least disturbed by other load on the machine), images/s and the ratio. "Step / UNet call" is
+(loop time / steps) over one UNet call: what a sampler step costs beyond the network (text encoder and VAE
+decoder included, spread over the steps). torch and
 diffusers come from the `test` extra; the package never imports them.
 """
 
@@ -38,8 +40,8 @@ def _prompts(n):
   return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
 
 
-def _median_time(fn, rounds):
-  return float(np.median([_timed(fn) for _ in range(rounds)]))
+def _best_time(fn, rounds):
+  return min(_timed(fn) for _ in range(rounds))
 
 
 def _timed(fn):
@@ -84,12 +86,15 @@ def bench_vs_diffusers(pipeline_dir, config, batch, steps_list, rounds, sampler,
   x_T = jnp.asarray(lat.numpy().transpose(0, 2, 3, 1))
   size = exp.image_size
   rows = []
-  unet_jax = _median_time(_unet_call(exp, params, frozen, batch), rounds)
+  unet_jax = _unet_call(exp, params, frozen, batch)
   with torch.no_grad():
     emb = torch.ones(2 * batch, exp.host.max_length, exp.unet_config.cross_attention_dim)
     xt = torch.ones(2 * batch, c, h, w)
-    pipe.unet(xt, 500, emb)
-    unet_torch = _median_time(lambda: pipe.unet(xt, 500, emb), rounds)
+
+    def unet_torch():
+      with torch.no_grad():
+        pipe.unet(xt, 500, emb)
+    unet_torch()
   for steps in steps_list:
     def run_jax():
       np.asarray(exp.sample_images(params, frozen, ids, jax.random.PRNGKey(0), x_T=x_T, sampler=sampler,
@@ -104,23 +109,23 @@ def bench_vs_diffusers(pipeline_dir, config, batch, steps_list, rounds, sampler,
     run_jax()
     compile_s = time.perf_counter() - t0
     run_torch()
-    tj, tt = [], []
+    times = {"jax": [], "torch": [], "unet_jax": [], "unet_torch": []}
     for _ in range(rounds):
-      tj.append(_timed(run_jax))
-      tt.append(_timed(run_torch))
-    mj, mt = float(np.median(tj)), float(np.median(tt))
-    rows.append((steps, batch / mj, batch / mt, mt / mj, mj / steps / unet_jax, mt / steps / unet_torch, compile_s))
-  return rows, unet_jax, unet_torch
+      for name, fn in (("jax", run_jax), ("torch", run_torch), ("unet_jax", unet_jax), ("unet_torch", unet_torch)):
+        times[name].append(_timed(fn))
+    mj, mt, uj, ut = (min(times[k]) for k in ("jax", "torch", "unet_jax", "unet_torch"))
+    rows.append((steps, batch / mj, batch / mt, mt / mj, mj / steps / uj, mt / steps / ut, compile_s, uj, ut))
+  return rows
 
 
 def bench_shapes(export_dir, batch, steps_list, rounds, guidance):
   from configs import sd_shapes
   cfg = sd_shapes.get_config()
   del cfg.model["pixel_patch"]  # read from the export
-  cfg.model.unet = ""
+  del cfg.model["unet"]  # the export's unet/config.json and weights
   exp, frozen, params = _experiment(cfg, export_dir)
   ids = exp.host.tokenize(_prompts(batch))
-  unet = _median_time(_unet_call(exp, params, frozen, batch), rounds)
+  unet = _unet_call(exp, params, frozen, batch)
   rows = []
   for steps in steps_list:
     def run():
@@ -129,9 +134,13 @@ def bench_shapes(export_dir, batch, steps_list, rounds, guidance):
     t0 = time.perf_counter()
     run()
     compile_s = time.perf_counter() - t0
-    m = _median_time(run, rounds)
-    rows.append((steps, batch / m, m / steps / unet, compile_s))
-  return rows, unet
+    loop, call = [], []
+    for _ in range(rounds):
+      loop.append(_timed(run))
+      call.append(_timed(unet))
+    m, u = min(loop), min(call)
+    rows.append((steps, batch / m, m / steps / u, compile_s, u))
+  return rows
 
 
 def main(argv=None):
@@ -149,14 +158,16 @@ def main(argv=None):
   p.add_argument("--bf16", action="store_true")
   a = p.parse_args(argv)
   steps_list = [int(s) for s in a.steps.split(",")]
+  import torch
   print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, JAX {jax.__version__} "
-        f"({jax.devices()[0].device_kind}), load average {os.getloadavg()[0]:.1f}")
+        f"({jax.devices()[0].device_kind}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"load average {os.getloadavg()[0]:.1f}")
   if a.shapes:
-    rows, unet = bench_shapes(a.shapes, a.batch, steps_list, a.rounds, 3.0)
-    print(f"\nShapes base ({a.shapes}), batch {a.batch}, DDIM, CFG 3; one batched UNet call {unet * 1e3:.1f} ms\n")
-    print("| steps | images/s | loop time per step / UNet call | compile s |\n|---|---|---|---|")
-    for steps, ips, per, comp in rows:
-      print(f"| {steps} | {ips:.2f} | {per:.2f} | {comp:.1f} |")
+    rows = bench_shapes(a.shapes, a.batch, steps_list, a.rounds, 3.0)
+    print(f"\nShapes base ({a.shapes}), batch {a.batch}, DDIM, CFG 3\n")
+    print("| steps | images/s | step / UNet call | one batched UNet call, ms | compile s |\n|---|---|---|---|---|")
+    for steps, ips, per, comp, u in rows:
+      print(f"| {steps} | {ips:.2f} | {per:.2f} | {u * 1e3:.1f} | {comp:.1f} |")
   if a.tiny or a.pipeline:
     from configs import sd15, sd21
     mod = sd15 if a.config == "sd15" else sd21
@@ -171,13 +182,14 @@ def main(argv=None):
       if a.tiny:
         import sd_testlib
         d = sd_testlib.make_tiny_pipeline(tmp, prediction_type="epsilon")
-      rows, uj, ut = bench_vs_diffusers(d, cfg, a.batch, steps_list, a.rounds, a.sampler, a.guidance)
+      rows = bench_vs_diffusers(d, cfg, a.batch, steps_list, a.rounds, a.sampler, a.guidance)
     print(f"\n{'tiny random' if a.tiny else d} SD pipeline, batch {a.batch}, {a.sampler}, CFG {a.guidance}, "
-          f"{cfg.data.image_size}px; one batched UNet call: JAX {uj * 1e3:.1f} ms, PyTorch {ut * 1e3:.1f} ms\n")
-    print("| steps | JAX images/s | PyTorch images/s | JAX / PyTorch speed | JAX step / UNet call | "
-          "PyTorch step / UNet call | JAX compile s |\n|---|---|---|---|---|---|---|")
-    for steps, ij, it, ratio, pj, pt, comp in rows:
-      print(f"| {steps} | {ij:.2f} | {it:.2f} | {ratio:.2f}x | {pj:.2f} | {pt:.2f} | {comp:.1f} |")
+          f"{cfg.data.image_size}px, {cfg.get('dtype', 'float32')}\n")
+    print("| steps | JAX images/s | PyTorch images/s | JAX speed-up | JAX step / UNet call | PyTorch step / UNet "
+          "call | UNet call JAX / PyTorch, ms | JAX compile s |\n|---|---|---|---|---|---|---|---|")
+    for steps, ij, it, ratio, pj, pt, comp, uj, ut in rows:
+      print(f"| {steps} | {ij:.2f} | {it:.2f} | {ratio:.2f}x | {pj:.2f} | {pt:.2f} | {uj * 1e3:.1f} / {ut * 1e3:.1f} "
+            f"| {comp:.1f} |")
 
 
 if __name__ == "__main__":
