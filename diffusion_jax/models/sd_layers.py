@@ -26,7 +26,6 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from diffusion_jax.models import attention as attn_lib
 
@@ -57,39 +56,8 @@ def get_timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool
   return emb
 
 
-class GroupNorm(nn.Module):
-  """GroupNorm over (B, ..., C) inputs with the params of `nn.GroupNorm` (`scale`, `bias`), formulated for speed.
-
-  Statistics are per-channel sums over the spatial axes (a reduction whose minor axis is C, which XLA
-  vectorises; `nn.GroupNorm` reduces a (B, HW, G, C/G) view whose minor axis is C/G), summed to groups, two-pass
-  variance in float32 (as `use_fast_variance=False`); the normalisation is one fused per-channel affine
-  x * a + b. 2-4x faster than `nn.GroupNorm` on the tiny UNet's activations on CPU (docs/speed.md)."""
-  num_groups: int
-  epsilon: float = 1e-5
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    g = self.num_groups
-    if c % g:
-      raise ValueError(f"GroupNorm: {c} channels are not divisible by num_groups={g}.")
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    axes = tuple(range(1, x.ndim - 1))
-    n = (math.prod(x.shape[1:-1]) * (c // g))
-    xf = x.astype(jnp.float32)
-    group = lambda per_channel: jnp.repeat(per_channel.reshape(-1, g, c // g).sum(-1) / n, c // g, axis=1)
-    mean = group(jnp.sum(xf, axis=axes))                                          # (B, C)
-    bshape = (x.shape[0],) + (1,) * len(axes) + (c,)
-    var = group(jnp.sum(jnp.square(xf - mean.reshape(bshape)), axis=axes))
-    a = lax.rsqrt(var + self.epsilon) * scale
-    b = bias - mean * a
-    return (xf * a.reshape(bshape) + b.reshape(bshape)).astype(self.dtype)
-
-
-def _gn(groups: int, eps: float, dtype: Dtype, name: str) -> GroupNorm:
-  return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
+def _gn(groups: int, eps: float, dtype: Dtype, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
 def _conv(features: int, kernel: int = 3, stride: int = 1, padding: int = 1, dtype: Dtype = jnp.float32,
