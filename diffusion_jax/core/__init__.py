@@ -13,9 +13,12 @@ Submodules:
   `edm_sample`, `consistency_sample`, `sample(name, ...)`; every loop runs inside one `jax.jit`.
 * `scheduler_config`: `from_diffusers_config(scheduler_config.json)` -> a sampler with its schedule and options.
 * `guidance`: `guided_call`, `cfg_combine`, `power_cosine_scale`.
+* `mt_diffusion`: MT-Diffusion's multi-modal forward process (weights `constant_weights` / `linear_weights`,
+  `aggregate`, `q_step`, `q_marginal`, `q_posterior`), reverse step, ELBO terms and `mt_sample`.
 """
 
-from diffusion_jax.core import guidance, losses, parameterization, samplers, scheduler_config, schedules  # noqa: F401
+from diffusion_jax.core import (guidance, losses, mt_diffusion, parameterization, samplers,  # noqa: F401
+                                scheduler_config, schedules)
 from diffusion_jax.core.guidance import cfg_combine, guided_call, power_cosine_scale  # noqa: F401
 from diffusion_jax.core.losses import diffusion_loss, edm_loss, hybrid_loss, min_snr_weight  # noqa: F401
 from diffusion_jax.core.parameterization import (PREDICTION_TYPES, consistency_scalings, edm_denoise,  # noqa: F401
