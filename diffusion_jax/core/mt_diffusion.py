@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from diffusion_jax.core.schedules import Schedule
 
@@ -420,7 +421,7 @@ def elbo_terms(predict_fn: Callable, codes, rng, *, schedule: Schedule, weights:
 # ----------------------------------------------------------------------------- ancestral sampling
 
 
-@functools.partial(jax.jit, static_argnames=("predict_fn", "variance_type"))
+@functools.partial(jax.jit, static_argnames=("variance_type",))
 def _sample_loop(predict_fn, z_T, noises, wtab, tab, known_codes, known_mask, cond, variance_type):
   T = wtab.shape[0] - 1
   N = wtab.shape[1]
@@ -450,9 +451,9 @@ def mt_sample(predict_fn: Callable, z_T, *, schedule: Schedule, weights: WeightS
   """Ancestral sampling t = T..1 of the shared state, producing every modality's code at once.
 
   Args:
-    predict_fn: `predict_fn(z_t, k, cond) -> codes_hat [N, B, ...]`, `k` = t - 1 float32 `[B]`. Must be
-      hashable (a module-level function or a `jax.tree_util.Partial`-free closure is fine); it is a static
-      argument of the jitted loop.
+    predict_fn: `predict_fn(z_t, k, cond) -> codes_hat [N, B, ...]`, `k` = t - 1 float32 `[B]`. Wrap it in a
+      `jax.tree_util.Partial` to carry arrays (network params) as traced arguments, as `core.samplers` does;
+      a plain function is wrapped here (one compile per distinct function object).
     z_T: `[B, ...]` start (N(0, I), or anything else).
     weights: the `WeightSchedule` (T + 1 rows).
     known_codes, known_mask: conditional generation: modalities with `known_mask[i]` True have their codes
@@ -491,5 +492,6 @@ def mt_sample(predict_fn: Callable, z_T, *, schedule: Schedule, weights: WeightS
       raise ValueError(f"mt_sample: known_codes must have shape [N, B, ...] = {(N,) + z_T.shape}, got "
                        f"{known_codes.shape}.")
   tab = {k: jnp.asarray(v, f32) for k, v in tables(schedule).items()}
-  return _sample_loop(predict_fn, z_T, step_noise, jnp.asarray(weights.table, f32), tab, known_codes,
+  fn = predict_fn if isinstance(predict_fn, Partial) else Partial(predict_fn)
+  return _sample_loop(fn, z_T, step_noise, jnp.asarray(weights.table, f32), tab, known_codes,
                       jnp.asarray(known_mask), cond, variance_type)

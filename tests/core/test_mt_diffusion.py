@@ -45,12 +45,18 @@ def _simulate(kind, seed=0):
   w = _weights(kind)
   codes = jnp.broadcast_to(jnp.asarray(CODES, jnp.float32)[:, None], (2, N_MC, 3))
   noise = jax.random.normal(jax.random.key(seed), (T, N_MC, 3))
-  z = mt.aggregate(codes, w.at(0))  # z_0 = m_0
-  zs = [z]
-  for t in range(1, T + 1):
-    z = mt.q_step(SCHED, w, t, z, codes, noise[t - 1])
-    zs.append(z)
-  return np.asarray(jnp.stack(zs), np.float64), w, codes
+  z0 = mt.aggregate(codes, w.at(0))  # z_0 = m_0
+
+  @jax.jit
+  def run(z0, noise):
+    def body(z, xs):
+      t, nz = xs
+      z = mt.q_step(SCHED, w, t, z, codes, nz)
+      return z, z
+    _, zs = jax.lax.scan(body, z0, (jnp.arange(1, T + 1), noise))
+    return jnp.concatenate([z0[None], zs])
+  zs = run(z0, noise)
+  return np.asarray(zs, np.float64), w, codes
 
 
 @pytest.fixture(scope="module", params=["constant", "linear"])
@@ -113,15 +119,16 @@ def test_posterior_matches_monte_carlo(chains, t):
 def test_posterior_gaussian_identity(kind):
   """integral q(z_{t-1}|z_t,x) q(z_t|x) dz_t = q(z_{t-1}|x): mean A mu_t + b = mu_{t-1}, A^2 s_t^2 + v = s_{t-1}^2."""
   w = _weights(kind)
-  codes = jnp.asarray(CODES, jnp.float32)[:, None]
-  for t in range(2, T + 1):
-    b, v = mt.q_posterior(SCHED, w, t, jnp.zeros((1, 3)), codes)
-    a1, _ = mt.q_posterior(SCHED, w, t, jnp.ones((1, 3)), codes)
-    A = np.asarray(a1 - b, np.float64)
-    mu_t, s_t = mt.q_marginal(SCHED, w, t, codes)
-    mu_p, s_p = mt.q_marginal(SCHED, w, t - 1, codes)
-    np.testing.assert_allclose(A * np.asarray(mu_t) + np.asarray(b), np.asarray(mu_p), atol=1e-5)
-    np.testing.assert_allclose(A ** 2 * float(s_t) ** 2 + float(v), float(s_p) ** 2, rtol=1e-4, atol=1e-6)
+  t = np.arange(2, T + 1)  # all t at once, one row each
+  codes = jnp.broadcast_to(jnp.asarray(CODES, jnp.float32)[:, None], (2, t.size, 3))
+  b, v = mt.q_posterior(SCHED, w, t, jnp.zeros((t.size, 3)), codes)
+  a1, _ = mt.q_posterior(SCHED, w, t, jnp.ones((t.size, 3)), codes)
+  A = np.asarray(a1 - b, np.float64)
+  mu_t, s_t = mt.q_marginal(SCHED, w, t, codes)
+  mu_p, s_p = mt.q_marginal(SCHED, w, t - 1, codes)
+  np.testing.assert_allclose(A * np.asarray(mu_t) + np.asarray(b), np.asarray(mu_p), atol=1e-5)
+  s_p2 = np.broadcast_to(np.asarray(s_p) ** 2, A.shape)
+  np.testing.assert_allclose(A ** 2 * np.asarray(s_t) ** 2 + np.asarray(v), s_p2, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- N = 1 reduces to DDPM
@@ -225,12 +232,12 @@ WLIN = mt.linear_weights([1, 0], [0, 1], T)
 POINT = np.array([[[1.0, -2.0]], [[0.5, 3.0]]])  # [N=2, 1, D=2]
 
 
-def _point_oracle(z, k, cond):
-  return jnp.broadcast_to(jnp.asarray(POINT, jnp.float32), (2,) + z.shape)
+def _point_oracle(z, k, cond, point=POINT):
+  return jnp.broadcast_to(jnp.asarray(point, jnp.float32), (2,) + z.shape)
 
 
-# Two-point mixtures (component codes [K, N, D]). Unconditional: A and B. Conditional: modality 0 shared by A and
-# B (known), modality 1 is A's or B's; C has another modality-0 code and must never appear.
+# Two-point mixtures (component codes [K, N, D]). Unconditional: A and B differ in both modalities. Conditional:
+# modality 0 is shared by both components (and known), modality 1 must come out as A's or B's, half each.
 COMP = np.array([[[1.0, 1.0], [2.0, -1.0]],
                  [[-1.0, 0.5], [-2.0, 1.0]]])
 PRIOR = np.array([0.3, 0.7])
@@ -268,6 +275,11 @@ def test_point_mass_recovered():
   want = np.broadcast_to(POINT, (2, B, 2))
   np.testing.assert_allclose(np.asarray(codes), want, atol=1e-6)
   np.testing.assert_allclose(np.asarray(z0), np.broadcast_to(POINT[0], (B, 2)), atol=1e-5)  # m_0 = E_1 (w_0 = (1, 0))
+  # arrays carried in a Partial (as network params would be) are traced, not baked in
+  other = jnp.asarray(POINT[::-1], jnp.float32)
+  fn = jax.tree_util.Partial(lambda pt, z, k, cond: _point_oracle(z, k, cond, pt), other)
+  _, codes2 = mt.mt_sample(fn, z_T, schedule=SCHED, weights=WLIN, rng=jax.random.key(6))
+  np.testing.assert_allclose(np.asarray(codes2), np.broadcast_to(POINT[::-1], (2, B, 2)), atol=1e-6)
 
 
 def test_joint_sampling_is_coherent_and_weighted():
