@@ -226,7 +226,7 @@ def q_sample(schedule: Schedule, weights: WeightSchedule, t, codes, noise):
 
 
 def q_posterior(schedule: Schedule, weights: WeightSchedule, t, z_t, codes):
-  """q(z_{t-1} | z_t, x) at paper time t in 1..T: returns (mean `[B, ...]`, variance beta~_t broadcastable).
+  """q(z_{t-1} | z_t, x) at paper time t in 1..T (t = 0 is not checked under jit): returns (mean `[B, ...]`, variance beta~_t broadcastable).
 
   mean = sqrt(abar_{t-1}) m_{t-1} + c_t (z_t - sqrt(abar_t) m_t).
   """
@@ -386,7 +386,8 @@ def elbo_terms(predict_fn: Callable, codes, rng, *, schedule: Schedule, weights:
   L_t (t >= 2) or L_0 (t = 1). weighting "kl": loss = L_T + T * term (unbiased for the negative ELBO up to the
   constant of the t = 1 term); "simple": loss = L_t / lambda_t (eps-MSE equivalent) at t >= 2 and
   ||m_0 - m^_0||^2 * abar_1 / (1 - abar_1) at t = 1 (DDPM's simple loss there), no prior term.
-  Add `restoration_loss` (L_rec) on top with the decoders. Returns (loss `[B]`, terms dict of `[B]`).
+  Add `restoration_loss` (L_rec) on top with the decoders (e.g. on `terms["codes_hat"]`). Returns
+  (loss `[B]`, terms: "L_T", "L_t", "L_0", "t" `[B]` and "codes_hat" `[N, B, ...]`).
   """
   if weighting not in ("kl", "simple"):
     raise ValueError(f"elbo_terms: weighting must be 'kl' or 'simple', got {weighting!r}.")
