@@ -232,8 +232,13 @@ WLIN = mt.linear_weights([1, 0], [0, 1], T)
 POINT = np.array([[[1.0, -2.0]], [[0.5, 3.0]]])  # [N=2, 1, D=2]
 
 
-def _point_oracle(z, k, cond, point=POINT):
-  return jnp.broadcast_to(jnp.asarray(point, jnp.float32), (2,) + z.shape)
+def _point_fn(point, z, k, cond):
+  return jnp.broadcast_to(point, (2,) + z.shape)
+
+
+def _point_oracle(point=POINT):
+  # the arrays ride in a Partial (as network params would): traced, so every use below shares one compile
+  return jax.tree_util.Partial(_point_fn, jnp.asarray(point, jnp.float32))
 
 
 # Two-point mixtures (component codes [K, N, D]). Unconditional: A and B differ in both modalities. Conditional:
@@ -271,19 +276,17 @@ def _cond_oracle(z, k, cond):
 def test_point_mass_recovered():
   B = 16
   z_T = jax.random.normal(jax.random.key(5), (B, 2))
-  z0, codes = mt.mt_sample(_point_oracle, z_T, schedule=SCHED, weights=WLIN, rng=jax.random.key(6))
+  z0, codes = mt.mt_sample(_point_oracle(), z_T, schedule=SCHED, weights=WLIN, rng=jax.random.key(6))
   want = np.broadcast_to(POINT, (2, B, 2))
   np.testing.assert_allclose(np.asarray(codes), want, atol=1e-6)
   np.testing.assert_allclose(np.asarray(z0), np.broadcast_to(POINT[0], (B, 2)), atol=1e-5)  # m_0 = E_1 (w_0 = (1, 0))
-  # arrays carried in a Partial (as network params would be) are traced, not baked in
-  other = jnp.asarray(POINT[::-1], jnp.float32)
-  fn = jax.tree_util.Partial(lambda pt, z, k, cond: _point_oracle(z, k, cond, pt), other)
-  _, codes2 = mt.mt_sample(fn, z_T, schedule=SCHED, weights=WLIN, rng=jax.random.key(6))
+  # arrays carried in the Partial are traced, not baked in
+  _, codes2 = mt.mt_sample(_point_oracle(POINT[::-1]), z_T, schedule=SCHED, weights=WLIN, rng=jax.random.key(6))
   np.testing.assert_allclose(np.asarray(codes2), np.broadcast_to(POINT[::-1], (2, B, 2)), atol=1e-6)
 
 
 def test_joint_sampling_is_coherent_and_weighted():
-  B = 2000
+  B = 1500
   z_T = jax.random.normal(jax.random.key(7), (B, 2))
   z0, codes = mt.mt_sample(_mixture_oracle, z_T, schedule=SCHED, weights=WLIN, rng=jax.random.key(8))
   codes = np.asarray(codes)  # [N, B, D]
@@ -311,12 +314,15 @@ def test_conditional_sampling_keeps_known_codes():
   assert abs(frac_a - 0.5) < 5 * np.sqrt(0.25 / B) + 0.02, frac_a
   np.testing.assert_allclose(np.asarray(z0), 0.5 * codes[0] + 0.5 * codes[1], atol=1e-5)  # z_0 = m_0, known code in it
   # point mass: unknown modality recovered, known fixed, predictor's known slot ignored
-  z_T = jax.random.normal(jax.random.key(11), (4, 2))
-  kn = np.broadcast_to(POINT, (2, 4, 2)).copy()
+  z_T = jax.random.normal(jax.random.key(11), (16, 2))
+  kn = np.broadcast_to(POINT, (2, 16, 2)).copy()
   kn[1] = 0.0
-  _, c = mt.mt_sample(_point_oracle, z_T, schedule=SCHED, weights=WLIN, rng=jax.random.key(12),
-                      known_codes=kn, known_mask=[True, False])
-  np.testing.assert_allclose(np.asarray(c), np.broadcast_to(POINT, (2, 4, 2)), atol=1e-6)
+  wrong = POINT.copy()
+  wrong[0] = 7.0  # the predictor is wrong about the known modality; its output there must be ignored
+  z0, c = mt.mt_sample(_point_oracle(wrong), z_T, schedule=SCHED, weights=WLIN, rng=jax.random.key(12),
+                       known_codes=kn, known_mask=[True, False])
+  np.testing.assert_allclose(np.asarray(c), np.broadcast_to(POINT, (2, 16, 2)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(z0), np.broadcast_to(POINT[0], (16, 2)), atol=1e-5)
 
 
 def test_elbo_terms_jit_and_restoration_hook():
@@ -362,5 +368,5 @@ def test_weights_schedule_mismatch():
   with pytest.raises(ValueError, match="modalities"):
     mt.q_marginal(SCHED, mt.constant_weights([0.5, 0.5], T), 1, jnp.zeros((3, 2, 3)))
   with pytest.raises(ValueError, match="known_codes"):
-    mt.mt_sample(_point_oracle, jnp.zeros((2, 2)), schedule=SCHED, weights=WLIN, rng=jax.random.key(0),
+    mt.mt_sample(_point_oracle(), jnp.zeros((2, 2)), schedule=SCHED, weights=WLIN, rng=jax.random.key(0),
                  known_mask=[True, False])
