@@ -226,7 +226,8 @@ def q_sample(schedule: Schedule, weights: WeightSchedule, t, codes, noise):
 
 
 def q_posterior(schedule: Schedule, weights: WeightSchedule, t, z_t, codes):
-  """q(z_{t-1} | z_t, x) at paper time t in 1..T (t = 0 is not checked under jit): returns (mean `[B, ...]`, variance beta~_t broadcastable).
+  """q(z_{t-1} | z_t, x) at paper time t in 1..T (t = 0 is not checked under jit): returns (mean `[B, ...]`,
+  variance beta~_t broadcastable).
 
   mean = sqrt(abar_{t-1}) m_{t-1} + c_t (z_t - sqrt(abar_t) m_t).
   """
