@@ -114,8 +114,8 @@ def test_loss_matches_reference(shapes_run):
     c = sd_shapes.get_config("tiny")
     c.diffusion.prediction_type = pt
     c.data.caption_drop = 0.5
-    gamma = c.diffusion.snr_gamma
-    assert gamma == 5.0 and c.model.pixel_patch == 2
+    gamma = c.diffusion.snr_gamma = 5.0
+    assert c.model.pixel_patch == 2
     exp = get_experiment(c, stages={"clip": os.path.join(wd, "clip", "export")})
     frozen = exp.load_frozen()
     params = exp.init(jax.random.PRNGKey(0), None, frozen)
