@@ -66,7 +66,7 @@ def table(results):
 
 
 def _setting(key):
-  for m in METRICS + ("relation_accuracy", "binding_given_shape", "scene_binding"):
+  for m in sorted(METRICS + ("relation_accuracy", "binding_given_shape", "scene_binding"), key=len, reverse=True):
     if key.endswith("_" + m):
       return key[:-len(m) - 1]
   return key
