@@ -49,6 +49,7 @@ from jax.tree_util import Partial
 from diffusion_jax.core import losses as losses_lib
 from diffusion_jax.core import samplers as samplers_lib
 from diffusion_jax.core.schedules import make_schedule
+from diffusion_jax.eval.fid import frechet_distance  # noqa: F401  (re-exported: generation.frechet_distance)
 from diffusion_jax.experiments.base import EXPERIMENTS, Experiment
 from diffusion_jax.models import build_model
 from diffusion_jax.registry import Registry, check_choice
@@ -80,21 +81,6 @@ def depth_to_space(z, f: int):
   b, h, w, cc = z.shape
   c = cc // (f * f)
   return z.reshape(b, h, w, f, f, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * f, w * f, c)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-  """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017), via symmetric eigendecompositions:
-  Tr((S1 S2)^(1/2)) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))."""
-  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-  s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-  if mu1.shape != mu2.shape or s1.shape != s2.shape:
-    raise ValueError(f"Frechet distance needs matching statistics, got {mu1.shape}/{s1.shape} vs {mu2.shape}/{s2.shape}.")
-  w, v = np.linalg.eigh((s1 + s1.T) / 2)
-  r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-  m = r1 @ s2 @ r1
-  ev = np.linalg.eigvalsh((m + m.T) / 2)
-  tr_sqrt = np.sqrt(np.clip(ev, 0, None)).sum()
-  return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 
 
 def feature_statistics(features) -> Tuple[np.ndarray, np.ndarray]:
