@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from diffusion_jax.models import sd_layers as L
 from diffusion_jax.models.controlnet import ControlNetConfig, controlnet_config_from_unet
 from diffusion_jax.models.unet import (UNetConfig, UNet2DConditionModel, build_down_blocks, build_embedding,
-                                       build_mid_block, resolve_unet_config)
+                                       build_mid_block, build_up_blocks, resolve_unet_config)
 
 CONDITIONING_CHANNELS = (16, 32, 96, 256)  # the ControlNet conditioning CNN widths (3 stride-2 levels: factor 8)
 ENCODER_KEYS = ("time_embedding", "mid_block")  # + every down_blocks_* : copied from the base UNet
@@ -114,27 +114,7 @@ class CoDiUNet(nn.Module):
     skips = [s + mu * (e.astype(dtype) - s) for s, e in zip(skips, e_skips)]
     x = x + mu * (e_mid.astype(dtype) - x)
 
-    rev_ch = list(reversed(cfg.block_out_channels))
-    rev_heads = list(reversed(cfg.heads))
-    rev_layers = list(reversed(cfg.layers))
-    rev_tl = list(reversed(cfg.transformer_layers))
-    for i, kind in enumerate(cfg.up_block_types):
-      final = i == len(cfg.up_block_types) - 1
-      nl = rev_layers[i] + 1
-      block_skips, skips = skips[-nl:], skips[:-nl]
-      size = tuple(skips[-1].shape[1:3]) if (not final and forward_size) else None
-      if kind == "CrossAttnUpBlock2D":
-        x = L.CrossAttnUpBlock2D(rev_ch[i], nl, rev_heads[i], (rev_tl[i],) * nl, add_upsample=not final,
-                                 groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                                 use_linear_projection=cfg.use_linear_projection,
-                                 upcast_attention=cfg.upcast_attention, remat=self.remat, dtype=dtype,
-                                 name=f"up_blocks_{i}")(x, block_skips, emb, ctx, size)
-      else:
-        x = L.UpBlock2D(rev_ch[i], nl, add_upsample=not final, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                        remat=self.remat, dtype=dtype, name=f"up_blocks_{i}")(x, block_skips, emb, None, size)
-    x = nn.silu(L._gn(cfg.norm_num_groups, cfg.norm_eps, dtype, "conv_norm_out")(x))
-    pad = (cfg.conv_out_kernel - 1) // 2
-    return L._conv(cfg.out_channels, kernel=cfg.conv_out_kernel, padding=pad, dtype=dtype, name="conv_out")(x)
+    return build_up_blocks(cfg, dtype, x, skips, emb, ctx, self.remat, forward_size)
 
 
 def _dummy(config: UNetConfig, cond_channels, cond_dim: int, hw=(8, 8)):

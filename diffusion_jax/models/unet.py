@@ -247,6 +247,32 @@ def build_mid_block(config, dtype, x, temb, context, remat: str = "none"):
                                    name="mid_block")(x, temb, context)
 
 
+def build_up_blocks(cfg, dtype, x, skips, temb, context, remat: str = "none", forward_size: bool = False):
+  """The decoder half (up blocks consuming `skips`), conv_norm_out and conv_out: the UNet's output."""
+  rev_ch = list(reversed(cfg.block_out_channels))
+  rev_heads = list(reversed(cfg.heads))
+  rev_layers = list(reversed(cfg.layers))
+  rev_tl = list(reversed(cfg.transformer_layers))
+  skips = list(skips)
+  for i, kind in enumerate(cfg.up_block_types):
+    final = i == len(cfg.up_block_types) - 1
+    nl = rev_layers[i] + 1
+    block_skips, skips = skips[-nl:], skips[:-nl]
+    size = tuple(skips[-1].shape[1:3]) if (not final and forward_size) else None
+    if kind == "CrossAttnUpBlock2D":
+      x = L.CrossAttnUpBlock2D(rev_ch[i], nl, rev_heads[i], (rev_tl[i],) * nl, add_upsample=not final,
+                               groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+                               use_linear_projection=cfg.use_linear_projection,
+                               upcast_attention=cfg.upcast_attention, remat=remat, dtype=dtype,
+                               name=f"up_blocks_{i}")(x, block_skips, temb, context, size)
+    else:
+      x = L.UpBlock2D(rev_ch[i], nl, add_upsample=not final, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+                      remat=remat, dtype=dtype, name=f"up_blocks_{i}")(x, block_skips, temb, None, size)
+  x = nn.silu(L._gn(cfg.norm_num_groups, cfg.norm_eps, dtype, "conv_norm_out")(x))
+  pad = (cfg.conv_out_kernel - 1) // 2
+  return L._conv(cfg.out_channels, kernel=cfg.conv_out_kernel, padding=pad, dtype=dtype, name="conv_out")(x)
+
+
 @MODELS.register("sd_unet")
 class UNet2DConditionModel(nn.Module):
   """SD UNet. Inputs NHWC: `sample` (B, H, W, in_channels), `timesteps` scalar or (B,),
@@ -294,28 +320,7 @@ class UNet2DConditionModel(nn.Module):
     if mid_block_additional_residual is not None:
       x = x + mid_block_additional_residual.astype(dtype)
 
-    rev_ch = list(reversed(cfg.block_out_channels))
-    rev_heads = list(reversed(cfg.heads))
-    rev_layers = list(reversed(cfg.layers))
-    rev_tl = list(reversed(cfg.transformer_layers))
-    for i, kind in enumerate(cfg.up_block_types):
-      final = i == len(cfg.up_block_types) - 1
-      nl = rev_layers[i] + 1
-      block_skips, skips = skips[-nl:], skips[:-nl]
-      size = tuple(skips[-1].shape[1:3]) if (not final and forward_size) else None
-      if kind == "CrossAttnUpBlock2D":
-        x = L.CrossAttnUpBlock2D(rev_ch[i], nl, rev_heads[i], (rev_tl[i],) * nl, add_upsample=not final,
-                                 groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                                 use_linear_projection=cfg.use_linear_projection,
-                                 upcast_attention=cfg.upcast_attention, remat=self.remat, dtype=dtype,
-                                 name=f"up_blocks_{i}")(x, block_skips, emb, ctx, size)
-      else:
-        x = L.UpBlock2D(rev_ch[i], nl, add_upsample=not final, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                        remat=self.remat, dtype=dtype, name=f"up_blocks_{i}")(x, block_skips, emb, None, size)
-    x = nn.silu(L._gn(cfg.norm_num_groups, cfg.norm_eps, dtype, "conv_norm_out")(x))
-    pad = (cfg.conv_out_kernel - 1) // 2
-    x = L._conv(cfg.out_channels, kernel=cfg.conv_out_kernel, padding=pad, dtype=dtype, name="conv_out")(x)
-    return x
+    return build_up_blocks(cfg, dtype, x, skips, emb, ctx, self.remat, forward_size)
 
 
 def init_unet(rng, config: UNetConfig, sample_hw: Tuple[int, int] = (8, 8), seq_len: int = 4):
