@@ -1,12 +1,13 @@
 """Samples a local Stable Diffusion pipeline directory with the project's samplers (no checkpoint needed).
 
     python scripts/sd_sample.py --config configs/sd15.py --pipeline /path/to/stable-diffusion-v1-5 \
-        --out runs/sd15_samples [--prompt "a red cube" --prompt "..."] [--sampler ddim|dpmpp_2m|euler] \
+        --out runs/sd15_samples [--prompt "a red cube" --prompt "..."] [--sampler ddim|dpmpp_2m|euler|unipc|...] \
         [--steps 25] [--guidance 7.5] [--bf16] [--num 8]
 
 Writes OUT/<i>.png, OUT/samples.npz (images in [0, 1], token ids, initial latents) and OUT/prompts.json.
 The whole loop (text encoder, sampler with batched classifier-free guidance, VAE decoder) runs in one jit.
-(`python -m diffusion_jax.main --mode sample` needs a checkpoint of a run; this needs none.)
+(`python -m diffusion_jax.main --mode sample` does the same into a sample sheet + npz; this writes one PNG per
+prompt.)
 """
 
 from __future__ import annotations
