@@ -22,14 +22,15 @@ outputs match it exactly.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import sd_layers as L
-from diffusion_jax.models.controlnet import ControlNetConfig, controlnet_config_from_unet
+from diffusion_jax.models.controlnet import (ControlNetConditioningEmbedding, ControlNetConfig,
+                                             controlnet_config_from_unet)
 from diffusion_jax.models.unet import (UNetConfig, UNet2DConditionModel, build_down_blocks, build_embedding,
                                        build_mid_block, build_up_blocks, resolve_unet_config)
 
@@ -45,21 +46,11 @@ def cond_embedding_channels(factor: int, widths: Tuple[int, ...] = CONDITIONING_
   return tuple(widths[:n + 1])
 
 
-class ConditionEmbedding(nn.Module):
-  """Condition image [B, f*h, f*w, C] -> features [B, h, w, out_channels] (ControlNet CNN, `zero_out` optional)."""
-  out_channels: int
+class ConditionEmbedding(ControlNetConditioningEmbedding):
+  """Condition image [B, f*h, f*w, C] -> features [B, h, w, out_channels]: the ControlNet CNN with CoDi's widths,
+  its output conv random unless `zero_out`."""
   block_out_channels: Tuple[int, ...] = CONDITIONING_CHANNELS
   zero_out: bool = False
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    ch = self.block_out_channels
-    x = nn.silu(L._conv(ch[0], dtype=self.dtype, name="conv_in")(x.astype(self.dtype)))
-    for i in range(len(ch) - 1):
-      x = nn.silu(L._conv(ch[i], dtype=self.dtype, name=f"blocks_{2 * i}")(x))
-      x = nn.silu(L._conv(ch[i + 1], stride=2, dtype=self.dtype, name=f"blocks_{2 * i + 1}")(x))
-    return L._conv(self.out_channels, dtype=self.dtype, name="conv_out", zero_init=self.zero_out)(x)
 
 
 class CoDiEncoder(nn.Module):

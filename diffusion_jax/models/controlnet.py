@@ -122,10 +122,12 @@ def resolve_controlnet_config(c: Union[ControlNetConfig, str]) -> ControlNetConf
 
 
 class ControlNetConditioningEmbedding(nn.Module):
-  """Small CNN from the condition image (full resolution) to latent resolution, zero-initialised output."""
+  """Small CNN from the condition image (full resolution) to latent resolution, zero-initialised output
+  (`zero_out=False`: a random output conv, as CoDi's condition embedding uses it)."""
   out_channels: int
   block_out_channels: Tuple[int, ...] = (16, 32, 96, 256)
   dtype: Any = jnp.float32
+  zero_out: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -134,7 +136,7 @@ class ControlNetConditioningEmbedding(nn.Module):
     for i in range(len(ch) - 1):
       x = nn.silu(L._conv(ch[i], dtype=self.dtype, name=f"blocks_{2 * i}")(x))
       x = nn.silu(L._conv(ch[i + 1], stride=2, dtype=self.dtype, name=f"blocks_{2 * i + 1}")(x))
-    return L._conv(self.out_channels, dtype=self.dtype, name="conv_out", zero_init=True)(x)
+    return L._conv(self.out_channels, dtype=self.dtype, name="conv_out", zero_init=self.zero_out)(x)
 
 
 @MODELS.register("sd_controlnet")
