@@ -1,0 +1,138 @@
+"""Executes every notebooks/*.ipynb top to bottom (nbclient), so a broken notebook fails the suite.
+
+Each notebook runs in a fresh kernel on this interpreter, from the repository root, with
+DIFFUSION_JAX_NOTEBOOK_TINY=1 (notebooks shrink their step counts when it is set) and a single CPU device
+(as on a CPU Colab). A failing cell fails the test with the cell's source and traceback; a notebook that runs
+past its time limit (NOTEBOOK_TIME_LIMIT_S, whole notebook) fails too. The structure checks below (Colab
+cells first, outputs stripped) keep every notebook Colab-ready; see docs/notebooks.md.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
+TINY_ENV = "DIFFUSION_JAX_NOTEBOOK_TINY"
+# Whole-notebook limit in tiny mode. Each notebook takes <= ~30 s on a quiet 2-core machine; the limit leaves
+# room for a loaded CI box.
+TIME_LIMIT_S = float(os.environ.get("NOTEBOOK_TIME_LIMIT_S", "240"))
+COLAB_URL = "https://colab.research.google.com/github/diffusion-jax/diffusion_jax/blob/main/notebooks/{name}"
+KERNEL_NAME = "diffusion_jax_test"
+
+
+def _ids(paths):
+  return [os.path.basename(p) for p in paths]
+
+
+def _kernel_env():
+  """The test process's environment, tiny mode on, and one CPU device like a CPU Colab runtime."""
+  env = dict(os.environ)
+  env[TINY_ENV] = "1"
+  env["JAX_PLATFORMS"] = "cpu"
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+  if flags:
+    env["XLA_FLAGS"] = flags
+  else:
+    env.pop("XLA_FLAGS", None)
+  env["MPLBACKEND"] = "Agg"
+  env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+  return env
+
+
+@pytest.fixture(scope="module")
+def kernel_dirs(tmp_path_factory):
+  """A kernelspec that starts ipykernel on this very interpreter (not whatever `python3` is on PATH)."""
+  root = tmp_path_factory.mktemp("kernels")
+  spec_dir = root / KERNEL_NAME
+  spec_dir.mkdir()
+  (spec_dir / "kernel.json").write_text(json.dumps({
+      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+               "--InteractiveShell.colors=nocolor"],
+      "display_name": "diffusion_jax (test)",
+      "language": "python",
+  }))
+  return str(root)
+
+
+def run_notebook(path: str, kernel_dirs: str, cwd: str = REPO, time_limit_s: float = TIME_LIMIT_S) -> float:
+  """Executes `path` cell by cell; returns the wall time. Raises nbclient's CellExecutionError (whose message
+  holds the failing cell's source and traceback) or pytest.fail on the time limit."""
+  from jupyter_client.kernelspec import KernelSpecManager
+  from jupyter_client.manager import KernelManager
+
+  nb = nbformat.read(path, as_version=4)
+  ksm = KernelSpecManager(kernel_dirs=[kernel_dirs], ensure_native_kernel=False)
+  km = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=ksm)
+  client = nbclient.NotebookClient(
+      nb, km=km, kernel_name=KERNEL_NAME, timeout=int(time_limit_s), allow_errors=False,
+      resources={"metadata": {"path": cwd}})
+  start = time.monotonic()
+  with client.setup_kernel(env=_kernel_env(), cwd=cwd):
+    for index, cell in enumerate(nb.cells):
+      left = time_limit_s - (time.monotonic() - start)
+      if left <= 0:
+        pytest.fail(f"{os.path.basename(path)}: over its {time_limit_s:.0f} s limit before cell {index}")
+      client.timeout = max(1, int(left))
+      try:
+        client.execute_cell(cell, index)
+      except nbclient.exceptions.CellTimeoutError:
+        pytest.fail(f"{os.path.basename(path)}: cell {index} ran past the notebook's {time_limit_s:.0f} s "
+                    f"limit:\n{cell.source}")
+  return time.monotonic() - start
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_structure(path):
+  """Colab-ready: cell 0 the "Open in Colab" badge for this very file, cell 1 the install cell that is skipped
+  when diffusion_jax is importable; outputs stripped; the notebook reads the tiny-mode variable."""
+  name = os.path.basename(path)
+  nb = nbformat.read(path, as_version=4)
+  nbformat.validate(nb)
+  cells = nb.cells
+  assert len(cells) >= 3, f"{name}: too few cells"
+  assert cells[0].cell_type == "markdown" and COLAB_URL.format(name=name) in cells[0].source, (
+      f"{name}: cell 0 must be the Open-in-Colab badge linking {COLAB_URL.format(name=name)}")
+  assert cells[1].cell_type == "code" and 'find_spec("diffusion_jax")' in cells[1].source, (
+      f"{name}: cell 1 must be the Colab install cell, skipped when diffusion_jax is importable")
+  assert any(TINY_ENV in c.source for c in cells if c.cell_type == "code"), f"{name}: never reads {TINY_ENV}"
+  for i, c in enumerate(cells):
+    if c.cell_type == "code":
+      assert not c.get("outputs") and c.get("execution_count") is None, (
+          f"{name}: cell {i} has outputs; strip them before committing (see docs/notebooks.md)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_runs(path, kernel_dirs):
+  try:
+    seconds = run_notebook(path, kernel_dirs)
+  except nbclient.exceptions.CellExecutionError as err:
+    message = f"{os.path.basename(path)} failed:\n{err}"
+  else:
+    message = None
+  if message:
+    pytest.fail(message, pytrace=False)
+  print(f"{os.path.basename(path)}: {seconds:.1f} s (tiny mode)")
+
+
+def test_runner_reports_the_failing_cell(tmp_path, kernel_dirs):
+  """The runner itself can fail: a notebook whose second cell raises fails with that cell shown."""
+  nb = nbformat.v4.new_notebook()
+  nb.cells = [nbformat.v4.new_code_cell("import os\nassert os.environ['%s'] == '1'" % TINY_ENV),
+              nbformat.v4.new_code_cell("x = 1\nraise ValueError('broken cell ' + str(x))")]
+  path = tmp_path / "broken.ipynb"
+  nbformat.write(nb, str(path))
+  with pytest.raises(nbclient.exceptions.CellExecutionError) as err:
+    run_notebook(str(path), kernel_dirs, cwd=str(tmp_path), time_limit_s=60)
+  assert "broken cell 1" in str(err.value) and "raise ValueError" in str(err.value)
