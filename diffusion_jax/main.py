@@ -28,7 +28,8 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg' (e.g. configs/x.py:tiny).",
+config_flags.DEFINE_config_file("config", None, "Config file or shipped config name (--list_configs), optionally "
+                                "with ':arg' (e.g. configs/x.py:tiny).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard, samples.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
@@ -88,6 +89,15 @@ def _bad_override(argv) -> str:
 
 
 def _parse_flags(argv):
+  from diffusion_jax import named_configs
+  if "--list_configs" in argv:  # the configs shipped with the package, usable by name: --config=NAME[:arg]
+    print("\n".join(named_configs.list_configs()))
+    sys.exit(0)
+  try:
+    argv = named_configs.resolve_argv(argv)  # --config=NAME[:arg] or a configs/ path that is not here
+  except FileNotFoundError as e:
+    print(f"FATAL: {e}", file=sys.stderr)
+    sys.exit(2)
   try:
     return FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
