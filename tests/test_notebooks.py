@@ -3,7 +3,8 @@
 Each notebook runs in a fresh kernel on this interpreter, from the repository root, with
 DIFFUSION_JAX_NOTEBOOK_TINY=1 (notebooks shrink their step counts when it is set) and a single CPU device
 (as on a CPU Colab). A failing cell fails the test with the cell's source and traceback; a notebook that runs
-past its time limit (NOTEBOOK_TIME_LIMIT_S, whole notebook) fails too. The structure checks below (Colab
+past its time limit (NOTEBOOK_TIME_LIMIT_S, whole notebook) fails too. NOTEBOOK_EXECUTED_DIR=DIR keeps the
+executed copies (with outputs) in DIR. The structure checks below (Colab
 cells first, outputs stripped) keep every notebook Colab-ready; see docs/notebooks.md.
 """
 
@@ -90,7 +91,15 @@ def run_notebook(path: str, kernel_dirs: str, cwd: str = REPO, time_limit_s: flo
       except nbclient.exceptions.CellTimeoutError:
         pytest.fail(f"{os.path.basename(path)}: cell {index} ran past the notebook's {time_limit_s:.0f} s "
                     f"limit:\n{cell.source}")
-  return time.monotonic() - start
+  seconds = time.monotonic() - start
+  if os.environ.get("NOTEBOOK_EXECUTED_DIR"):  # keep the executed copy (outputs, figures) for a look
+    os.makedirs(os.environ["NOTEBOOK_EXECUTED_DIR"], exist_ok=True)
+    nbformat.write(nb, os.path.join(os.environ["NOTEBOOK_EXECUTED_DIR"], os.path.basename(path)))
+  return seconds
+
+
+def test_notebooks_exist():
+  assert NOTEBOOKS, "no notebooks/*.ipynb found"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
