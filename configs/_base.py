@@ -10,7 +10,7 @@ A task config starts from it and overrides what it needs:
       ...
       return config
 
-Keys (see docs/readme/10_training.md for what each one does):
+Keys (see docs/training-and-configs.md for what each one does):
   experiment, seed, dtype ("float32"|"bfloat16": compute dtype; params stay float32),
   remat ("none"|"full"|"dots"|"dots_no_batch"), param_sharding ("replicated"|"fsdp"),
   attention ("auto"|"xla"|"dot_product_attention"|"chunked": the attention implementation every network uses,
