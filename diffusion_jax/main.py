@@ -39,18 +39,10 @@ flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() (auto-de
                   "several tasks, on multi-host TPU VMs, or when JAX_COORDINATOR_ADDRESS is set).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
-
 
 def _is_multihost() -> bool:
-  if FLAGS.multihost is not None:
-    return FLAGS.multihost
-  if any(os.environ.get(k) for k in _MULTIHOST_ENV):
-    return True
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
-    return True
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1
+  from diffusion_jax import cluster
+  return cluster.is_multihost(os.environ, FLAGS.multihost)
 
 
 def _config_spec(argv) -> str:
@@ -121,11 +113,12 @@ def main(argv):
   if _is_multihost():
     # On SLURM / TPU VMs / Kubernetes JAX detects everything; JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +
     # JAX_PROCESS_ID (see launch/local_multiprocess.sh) cover any other cluster.
-    kwargs = {}
-    if os.environ.get("JAX_NUM_PROCESSES"):
-      kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
-    if os.environ.get("JAX_PROCESS_ID"):
-      kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    # Under SLURM the local GPUs are computed here (diffusion_jax/cluster.py): JAX alone would give each task
+    # only GPU [SLURM_LOCALID].
+    from diffusion_jax import cluster
+    kwargs = cluster.distributed_init_kwargs(os.environ)
+    if kwargs:
+      logging.info("jax.distributed.initialize(%s)", ", ".join(f"{k}={v}" for k, v in kwargs.items()))
     jax.distributed.initialize(**kwargs)
   logging.info("JAX %s: process %d/%d, %d devices (%d local), platform %s.", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count(),
