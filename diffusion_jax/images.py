@@ -6,7 +6,6 @@ Used by the trainer (periodic sample sheets, `--mode sample`) and by experiments
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 from typing import Any, Dict, Optional
 
@@ -31,9 +30,11 @@ def image_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 1) ->
 
 
 def save_png(path: str, image: np.ndarray):
+  """Writes a PNG to a local path or a gs:// (fsspec) URL, creating the directory."""
   from PIL import Image
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(image).save(path)
+  from diffusion_jax import paths
+  with paths.open(path, "wb") as f:
+    Image.fromarray(image).save(f, format="PNG")
 
 
 MIN_CELL = 64

@@ -39,6 +39,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import ml_collections
 from absl import logging
 
+from diffusion_jax import paths
 from diffusion_jax.models import attention
 from diffusion_jax.train.config_loading import flatten
 
@@ -189,6 +190,10 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, *, restage: Iterabl
     if fp in memo:
       out[name] = memo[fp]
       continue
+    if paths.is_url(workdir):  # a stage's export is read back by local-file loaders
+      raise ValueError(f"Stage {name!r} would be trained inside the remote work dir {workdir}, but stages need a "
+                       f"local (or shared, mounted) directory. Train it there first and pass "
+                       f"--config.stages.{name}.path=/path/to/that/run.")
     stage_dir = os.path.join(workdir, name)
     record = read_record(stage_dir)
     if record is not None and record.get("fingerprint") != fp:

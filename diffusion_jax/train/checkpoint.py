@@ -9,13 +9,14 @@ process killed mid-save leaves the previous checkpoint as the latest one.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Optional, Tuple
 
 import grain
 import orbax.checkpoint as ocp
 from absl import logging
+
+from diffusion_jax import paths
 
 
 class _IteratorSnapshot:
@@ -48,7 +49,7 @@ class _IteratorRestorer:
 
 class Checkpointer:
   def __init__(self, directory: str, keep: int = 3, use_async: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)  # a gs:// (or any fsspec) URL stays a URL
     options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
                                            enable_async_checkpointing=bool(use_async))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -122,9 +123,9 @@ class Checkpointer:
         continue
       damaged = []
       for bad in steps[:i]:
-        src = os.path.join(self.directory, str(bad))
+        src = paths.join(self.directory, str(bad))
         dst = f"{src}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(src, dst)
+        paths.rename(src, dst)
         damaged.append(dst)
         logging.warning("Checkpoint step %d in %s could not be read; moved it to %s and resumed from step %d.",
                         bad, self.directory, dst, step)

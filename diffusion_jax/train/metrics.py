@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Dict, Optional
 
 import jax
 import numpy as np
 from absl import logging
 from clu import metrics as clu_metrics
+
+from diffusion_jax import paths
 
 
 class Accumulator:
@@ -78,8 +79,12 @@ class MetricWriter:
 
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")  # workdir may be a gs:// (fsspec) URL
     self._tb = None
+    if enabled and tensorboard and paths.is_url(workdir) and paths.protocol(workdir) not in ("gs", "s3"):
+      logging.warning("TensorBoard events are not written to %s (tensorboardX writes local, gs:// and s3:// "
+                      "directories only); metrics.jsonl is.", workdir)
+      tensorboard = False
     if enabled and tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -89,9 +94,9 @@ class MetricWriter:
 
   def truncate_after(self, step: int):
     """Drops rows with `step` > `step` (a resumed run rewrites them; keeps the file one row per step)."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not paths.exists(self.path):
       return
-    with open(self.path) as f:
+    with paths.open(self.path) as f:
       rows = [line for line in f if line.strip()]
     kept = []
     for n, r in enumerate(rows, 1):
@@ -103,14 +108,14 @@ class MetricWriter:
       if row_step <= step:
         kept.append(r if r.endswith("\n") else r + "\n")
     if len(kept) != len(rows):
-      with open(self.path, "w") as f:
+      with paths.open(self.path, "w") as f:
         f.writelines(kept)
 
   def write(self, step: int, scalars: Dict[str, Any], console: bool = True):
     if not self.enabled:
       return
     row = {"step": int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
+    with paths.open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in scalars.items():

@@ -47,6 +47,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from diffusion_jax import paths
 from diffusion_jax.experiments.base import Experiment, get_experiment
 from diffusion_jax.registry import check_choice
 from diffusion_jax.train import mesh as mesh_lib
@@ -129,7 +130,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"{', '.join(repr(n) for n in emas) or '(no EMA configured: config.train.ema is empty)'}.")
   for key, value in (config.data.items() if "data" in config else []):
     if isinstance(value, str) and value and key == "data_dir":  # (cache dirs etc. may be created by the run)
-      if not os.path.exists(value):
+      if not paths.exists(value):
         raise FileNotFoundError(
             f"config.data.{key} = {value!r} does not exist. Point it at the prepared data "
             f"(--config.data.{key}=/path/to/data) or build the data set there first.")
@@ -213,11 +214,11 @@ def check_writable(*dirs: str) -> None:
   before anything is trained, instead of in a background checkpoint save."""
   for d in dirs:
     try:
-      os.makedirs(d, exist_ok=True)
-      probe = os.path.join(d, f".write_probe_{os.getpid()}")
-      with open(probe, "w") as f:
+      paths.makedirs(d)  # local, or a gs:// (fsspec) URL
+      probe = paths.join(d, f".write_probe_{os.getpid()}")
+      with paths.open(probe, "w") as f:
         f.write("ok")
-      os.remove(probe)
+      paths.remove(probe)
     except OSError as e:
       raise ValueError(f"Cannot write to {d} ({type(e).__name__}: {e}). Choose a writable --workdir or fix the "
                        "directory's permissions / free space.") from e
@@ -238,7 +239,13 @@ class _Run:
     self.workdir = workdir
     self.mode = mode
     self.experiment: Experiment = get_experiment(config, stages)  # unknown experiment -> lists valid names.
-    self.experiment.workdir = workdir  # the run directory, for experiments with on-disk caches.
+    # The run directory, for experiments with on-disk caches and evaluation dumps; for a URL work dir
+    # (gs://...) a local directory on each host (paths.local_mirror), since experiments write local files.
+    self.local_workdir = paths.local_mirror(workdir)
+    if self.local_workdir != workdir:
+      logging.info("Work dir %s is remote: experiment side files (caches, evaluation dumps) go to %s.", workdir,
+                   self.local_workdir)
+    self.experiment.workdir = self.local_workdir
     self.mesh = mesh_lib.make_mesh(config.get("mesh"))
     validate_mesh(config, self.mesh)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
@@ -485,7 +492,7 @@ EXPORT_SUBDIR = "export"
 
 def export_dir(workdir: str) -> str:
   """Where a finished run's `Experiment.export` output lives (what a stage hands on)."""
-  return os.path.join(workdir, EXPORT_SUBDIR)
+  return paths.join(workdir, EXPORT_SUBDIR)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Dict[str, str]] = None
@@ -501,11 +508,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Dict
     raise ValueError("config.train.num_steps=0: there is nothing to train. To sample or evaluate released weights "
                      "(e.g. a diffusers pipeline's UNet) without training, run with --mode sample or --mode eval; "
                      "to fine-tune, set --config.train.num_steps=N.")
-  check_writable(workdir, os.path.join(workdir, "checkpoints"))
+  check_writable(workdir, paths.join(workdir, "checkpoints"))
   is_main = jax.process_index() == 0
   run = _Run(config, workdir, "train", stages)
   tc = config.train
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tc.get("keep_ckpts", 3)),
+  ckpt = Checkpointer(paths.join(workdir, "checkpoints"), keep=int(tc.get("keep_ckpts", 3)),
                       use_async=bool(tc.get("async_ckpt", True)))
   writer = MetricWriter(workdir, enabled=is_main)
   try:
@@ -533,7 +540,8 @@ def write_samples(run: _Run, params, rng, num: int, path: str, writer: Optional[
         writer.write_image(step, "samples", sheet)
     if save_arrays:
       arrays = {k: np.asarray(v) for k, v in out.items() if np.asarray(v).dtype.kind in "biuf"}
-      np.savez(os.path.splitext(path)[0] + ".npz", **arrays)
+      with paths.open(os.path.splitext(path)[0] + ".npz", "wb") as f:
+        np.savez(f, **arrays)
   return out
 
 
@@ -545,6 +553,17 @@ def write_export(run: _Run, params, workdir: str) -> Optional[str]:
     params = multihost_utils.process_allgather(params, tiled=True)
   final = export_dir(workdir)
   if jax.process_index() != 0:
+    return final
+  if paths.is_url(final):  # export locally (loaders write local files), then upload the directory
+    tmp = paths.join(run.local_workdir, EXPORT_SUBDIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    run.experiment.export(params, run.frozen, tmp)
+    if not os.listdir(tmp):
+      os.rmdir(tmp)
+      return None
+    paths.put_dir(tmp, final)
+    shutil.rmtree(tmp, ignore_errors=True)
     return final
   tmp = final + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -602,7 +621,7 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   if is_main:
     try:
       from clu import parameter_overview
-      with open(os.path.join(workdir, "param_overview.txt"), "w") as f:
+      with paths.open(paths.join(workdir, "param_overview.txt"), "w") as f:
         f.write(table + "\n\n" + parameter_overview.get_parameter_overview(state.params, include_stats=False))
     except Exception as e:  # pragma: no cover - overview is informational.
       logging.warning("Parameter overview failed: %s", e)
@@ -613,7 +632,7 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   compile_s = time.time() - t0
   logging.info("Compiled the train step in %.2f s.", compile_s)
   if is_main:
-    with open(os.path.join(workdir, "run_info.json"), "w") as f:
+    with paths.open(paths.join(workdir, "run_info.json"), "w") as f:
       json.dump({"num_params": n_params, "num_frozen": n_frozen, "param_groups": run.group_counts,
                  "compile_time_s": compile_s, "mesh": dict(run.mesh.shape),
                  "num_devices": jax.device_count(), "num_processes": jax.process_count(),
@@ -650,19 +669,19 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
 
   def do_eval(step: int):
     rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0xE7A1)
-    res = run.experiment.evaluate(run.eval_params(state), frozen, rng, workdir) or {}
+    res = run.experiment.evaluate(run.eval_params(state), frozen, rng, run.local_workdir) or {}
     res = {k: float(v) if np.ndim(v) == 0 and not isinstance(v, str) else v for k, v in res.items()}
     if is_main:
       scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, float)}
       if scalars:
         writer.write(step, scalars)
-      with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+      with paths.open(paths.join(workdir, "eval_results.json"), "w") as f:
         json.dump({"step": step, **{k: v for k, v in res.items() if isinstance(v, (float, int, str))}}, f, indent=1)
     return res
 
   def do_sample(step: int):
     write_samples(run, run.eval_params(state), jax.random.fold_in(sample_rng, step), num_samples,
-                  os.path.join(workdir, "samples", f"step_{step:07d}.png"), writer, step)
+                  paths.join(workdir, "samples", f"step_{step:07d}.png"), writer, step)
 
   from tqdm import tqdm
   bar = tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
@@ -729,7 +748,7 @@ def _restore_latest(config, workdir: str, stages: Optional[Dict[str, str]] = Non
   """The test-split run and the latest checkpoint's state (never trains). Without a checkpoint, the released
   weights of the experiment's `pretrained_source()` (e.g. a diffusers pipeline's UNet) at step 0; with neither,
   fails before loading anything heavy."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = paths.join(workdir, "checkpoints")
   ckpt = Checkpointer(ckpt_dir, keep=int(config.train.get("keep_ckpts", 3)), use_async=False)
   if ckpt.latest_step() is None:
     ckpt.close()
@@ -765,7 +784,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, num: Optional[int] =
   try:
     num = int(num or config.train.get("num_samples", 16))
     rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0x5A4E)
-    path = os.path.join(workdir, "samples", f"final_{step:07d}.png")
+    path = paths.join(workdir, "samples", f"final_{step:07d}.png")
     out = write_samples(run, run.eval_params(state), rng, num, path, save_arrays=True)
     if out is None:
       logging.warning("Experiment %s has no sample outputs.", config.experiment)
@@ -782,11 +801,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, stages: Optional[D
   run, state, step = _restore_latest(config, workdir, stages)
   try:
     rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0xE7A1)
-    res = run.experiment.evaluate(run.eval_params(state), run.frozen, rng, workdir) or {}
+    res = run.experiment.evaluate(run.eval_params(state), run.frozen, rng, run.local_workdir) or {}
     res = {k: float(v) if np.ndim(v) == 0 and not isinstance(v, str) else v for k, v in res.items()}
     out = {"step": step, **res}
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+      with paths.open(paths.join(workdir, "eval_results.json"), "w") as f:
         json.dump({k: v for k, v in out.items() if isinstance(v, (float, int, str))}, f, indent=1)
     logging.info("Evaluation at step %d: %s", step, res)
     return out
