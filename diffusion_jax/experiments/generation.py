@@ -50,7 +50,7 @@ from diffusion_jax.core import losses as losses_lib
 from diffusion_jax.core import samplers as samplers_lib
 from diffusion_jax.core.schedules import make_schedule
 from diffusion_jax.eval.fid import frechet_distance  # noqa: F401  (re-exported: generation.frechet_distance)
-from diffusion_jax.experiments.base import EXPERIMENTS, Experiment
+from diffusion_jax.experiments.base import EXPERIMENTS, EXPORT_KINDS, Experiment, require_files
 from diffusion_jax.models import build_model
 from diffusion_jax.registry import Registry, check_choice
 
@@ -138,10 +138,19 @@ def _s2d_encode(images, f):
 # ---------------------------------------------------------------------------------------- experiment
 
 
+@EXPORT_KINDS.register("generation_model")
+def check_generation_export(path: str) -> None:
+  require_files(path, ["config.json", "model.safetensors"], "an exported generation run (DiffiT / DiT)")
+
+
 @EXPERIMENTS.register("generation")
 class GenerationExperiment(Experiment):
   """See the module docstring. `feature_fn(images [B, H, W, 3] in [-1, 1]) -> [B, F]` overrides
-  `config.eval.fid_feature` (e.g. an Inception network) for the Frechet distance in `evaluate()`."""
+  `config.eval.fid_feature` (e.g. an Inception network) for the Frechet distance in `evaluate()`.
+
+  `export` (end of training, DIR/export; `config.eval.export=False` skips it): the sampling params
+  (`config.train.sample_with`) as a safetensors directory, read back by `pretrained.diffit.load_trained`."""
+  export_kind = "generation_model"
 
   def __init__(self, config: ml_collections.ConfigDict, stages=None, feature_fn: Optional[Callable] = None):
     super().__init__(config, stages)
@@ -408,6 +417,18 @@ class GenerationExperiment(Experiment):
     if labels is not None:
       out["label"] = labels
     return out
+
+  # ------------------------------------------------------------------ export
+  def export(self, params, frozen, directory: str) -> None:
+    if not bool(_get(self.config.get("eval"), "export", True)):
+      return
+    from diffusion_jax.pretrained import diffit as pretrained_diffit
+    c = self.config
+    extra = {"experiment": "generation", "objective": self.objective, "image_size": self.image_size,
+             "latent_shape": list(self.latent_shape()), "num_classes": self.num_classes,
+             "diffusion": c.get("diffusion") or {}, "latent": c.get("latent") or {},
+             "sample": c.get("sample") or {}}
+    pretrained_diffit.save_trained(directory, params, c.model, extra, model=self.model)
 
   # ------------------------------------------------------------------ evaluation
   def _features(self, images):

@@ -154,3 +154,74 @@ def load_diffit(path: str, *, allow_pickle: bool = False, **model_overrides) -> 
 def save_diffit(path: str, params, model: DiffiTLatent) -> None:
   """Writes our params in the released layout (so the NVlabs code can load them)."""
   io.save_state_dict(params_to_torch_state(params, model), path)
+
+
+# ------------------------------------------------------------------------------ trained-run export
+# What a finished `generation` run (DiffiT image / latent, DiT, any registered denoiser) exports to
+# DIR/export: `config.json` (the network's config.model plus what sampling needs: objective, sigma_data,
+# time_scale, latent space, image size, classes, sampler settings) and `model.safetensors` (the params,
+# "/"-joined Flax paths). A latent DiffiT additionally gets `diffit.safetensors` in the released NVlabs layout
+# (readable by `load_diffit` and by the NVlabs code).
+
+EXPORT_CLASS = "DiffusionJaxGenerationModel"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_RELEASED = "diffit.safetensors"
+
+
+def _plain(x):
+  """ConfigDicts / tuples -> JSON-ready dicts and lists."""
+  if hasattr(x, "to_dict"):
+    x = x.to_dict()
+  if isinstance(x, Mapping):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  return x
+
+
+def save_trained(directory: str, params, model_config: Mapping[str, Any], extra: Mapping[str, Any] = None,
+                 model=None) -> None:
+  """Writes a trained denoiser to `directory`: config.json ({"_class_name", "model": model_config, **extra})
+  and model.safetensors; with a `DiffiTLatent` `model`, also diffit.safetensors in the released layout."""
+  import os
+  params = jax.device_get(params)
+  os.makedirs(directory, exist_ok=True)
+  io.save_state_dict(io.flatten(params), os.path.join(directory, EXPORT_WEIGHTS))
+  io.write_json({"_class_name": EXPORT_CLASS, "model": _plain(model_config), **_plain(dict(extra or {}))},
+                os.path.join(directory, "config.json"))
+  if isinstance(model, DiffiTLatent):
+    save_diffit(os.path.join(directory, EXPORT_RELEASED), params, model)
+
+
+def load_trained(directory: str, **model_overrides) -> Tuple[Any, Any, Dict[str, Any]]:
+  """Reads what `save_trained` wrote (a `generation` run's DIR/export, or the run directory itself):
+  (module, params, config dict). Names and shapes are checked against the module built from config.json;
+  `model_overrides` (dtype, remat, attention) go to the module."""
+  import os
+  from diffusion_jax.models import build_model
+  if not os.path.exists(os.path.join(directory, "config.json")) and os.path.isdir(os.path.join(directory, "export")):
+    directory = os.path.join(directory, "export")
+  cfg_path = os.path.join(directory, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"{directory} holds no config.json: not an exported generation run (train one with "
+                            "python -m diffusion_jax.main --config configs/diffit_shapes.py --workdir DIR; the "
+                            "export is DIR/export).")
+  cfg = io.read_json(cfg_path)
+  if cfg.get("_class_name") != EXPORT_CLASS:
+    raise io.CheckpointError(f"{cfg_path} is a {cfg.get('_class_name')!r}, not an exported generation run "
+                             f"({EXPORT_CLASS}).")
+  model = build_model(cfg["model"], **model_overrides)
+  flat = io.load_state_dict(os.path.join(directory, EXPORT_WEIGHTS))
+  size = int(cfg.get("latent_shape", [0])[0] or cfg.get("image_size", 32))
+  channels = int(cfg.get("latent_shape", [0, 0, 3])[-1])
+  x = jax.ShapeDtypeStruct((1, size, size, channels), np.float32)
+  t = jax.ShapeDtypeStruct((1,), np.float32)
+  y = jax.ShapeDtypeStruct((1,), np.int32) if int(cfg.get("num_classes", 0)) else None
+  want = io.flatten(jax.eval_shape(lambda x, t, y: model.init(jax.random.key(0), x, t, y), x, t, y)["params"])
+  io.check_names(want, flat, f"exported model {directory}")
+  for k, v in want.items():
+    io.check_shape(k, np.shape(flat[k]), v.shape)
+  params = io.unflatten({k: np.asarray(flat[k], v.dtype) for k, v in want.items()})
+  return model, params, cfg
