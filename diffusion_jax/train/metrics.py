@@ -74,6 +74,14 @@ def _jsonable(v):
   return v
 
 
+def _has_module(name: str) -> bool:
+  import importlib.util
+  try:
+    return importlib.util.find_spec(name) is not None
+  except (ImportError, ValueError):
+    return False
+
+
 class MetricWriter:
   """Writes scalar dicts to `workdir/metrics.jsonl`, TensorBoard (`workdir/`) and the console."""
 
@@ -84,6 +92,10 @@ class MetricWriter:
     if enabled and tensorboard and paths.is_url(workdir) and paths.protocol(workdir) not in ("gs", "s3"):
       logging.warning("TensorBoard events are not written to %s (tensorboardX writes local, gs:// and s3:// "
                       "directories only); metrics.jsonl is.", workdir)
+      tensorboard = False
+    if enabled and tensorboard and paths.protocol(workdir) == "gs" and not _has_module("google.cloud.storage"):
+      logging.warning("TensorBoard events are not written to %s: tensorboardX's gs:// writer needs "
+                      "google-cloud-storage (pip install 'diffusion_jax[gcp]'); metrics.jsonl is.", workdir)
       tensorboard = False
     if enabled and tensorboard:
       try:
