@@ -51,7 +51,8 @@ def resolve_config(spec: str, config_dir: Optional[str] = None) -> str:
   name = os.path.basename(path)
   name = name[:-3] if name.endswith(".py") else name
   config_dir = config_dir or shipped_config_dir()
-  if name and config_dir:
+  spelled_as_shipped = os.path.dirname(os.path.normpath(path)) in ("", "configs")  # not some/other/dir/x.py
+  if name and config_dir and spelled_as_shipped:
     candidate = os.path.join(config_dir, name + ".py")
     if os.path.isfile(candidate) and not name.startswith("_"):
       return candidate + sep + arg

@@ -44,7 +44,8 @@ def test_resolved_name_loads(tmp_path, monkeypatch):
   assert config.experiment == "generation"
 
 
-@pytest.mark.parametrize("spec", ["no_such_config", "configs/_base.py", "configs/no_such.py:tiny"])
+@pytest.mark.parametrize("spec", ["no_such_config", "configs/_base.py", "configs/no_such.py:tiny",
+                                  "my/own/eclipse_prior.py"])  # a missing file of the user's is not replaced
 def test_unknown_name_lists_the_shipped_ones(spec, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(FileNotFoundError, match="Shipped configs: .*eclipse_prior"):
