@@ -2,7 +2,7 @@
 
 Each notebook runs in a fresh kernel on this interpreter, from the repository root, with
 DIFFUSION_JAX_NOTEBOOK_TINY=1 (notebooks shrink their step counts when it is set) and a single CPU device
-(as on a CPU Colab). A failing cell fails the test with the cell's source and traceback; a notebook that runs
+(as on a CPU Colab), matplotlib's inline backend. A failing cell fails the test with the cell's source and traceback; a notebook that runs
 past its time limit (NOTEBOOK_TIME_LIMIT_S, whole notebook) fails too. NOTEBOOK_EXECUTED_DIR=DIR keeps the
 executed copies (with outputs) in DIR. The structure checks below (Colab
 cells first, outputs stripped) keep every notebook Colab-ready; see docs/notebooks.md.
@@ -47,7 +47,7 @@ def _kernel_env():
     env["XLA_FLAGS"] = flags
   else:
     env.pop("XLA_FLAGS", None)
-  env["MPLBACKEND"] = "Agg"
+  env.pop("MPLBACKEND", None)  # the kernel's inline backend, so that figures are cell outputs
   env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
   return env
 
@@ -80,22 +80,23 @@ def run_notebook(path: str, kernel_dirs: str, cwd: str = REPO, time_limit_s: flo
       nb, km=km, kernel_name=KERNEL_NAME, timeout=int(time_limit_s), allow_errors=False,
       resources={"metadata": {"path": cwd}})
   start = time.monotonic()
-  with client.setup_kernel(env=_kernel_env(), cwd=cwd):
-    for index, cell in enumerate(nb.cells):
-      left = time_limit_s - (time.monotonic() - start)
-      if left <= 0:
-        pytest.fail(f"{os.path.basename(path)}: over its {time_limit_s:.0f} s limit before cell {index}")
-      client.timeout = max(1, int(left))
-      try:
-        client.execute_cell(cell, index)
-      except nbclient.exceptions.CellTimeoutError:
-        pytest.fail(f"{os.path.basename(path)}: cell {index} ran past the notebook's {time_limit_s:.0f} s "
-                    f"limit:\n{cell.source}")
-  seconds = time.monotonic() - start
-  if os.environ.get("NOTEBOOK_EXECUTED_DIR"):  # keep the executed copy (outputs, figures) for a look
-    os.makedirs(os.environ["NOTEBOOK_EXECUTED_DIR"], exist_ok=True)
-    nbformat.write(nb, os.path.join(os.environ["NOTEBOOK_EXECUTED_DIR"], os.path.basename(path)))
-  return seconds
+  try:
+    with client.setup_kernel(env=_kernel_env(), cwd=cwd):
+      for index, cell in enumerate(nb.cells):
+        left = time_limit_s - (time.monotonic() - start)
+        if left <= 0:
+          pytest.fail(f"{os.path.basename(path)}: over its {time_limit_s:.0f} s limit before cell {index}")
+        client.timeout = max(1, int(left))
+        try:
+          client.execute_cell(cell, index)
+        except nbclient.exceptions.CellTimeoutError:
+          pytest.fail(f"{os.path.basename(path)}: cell {index} ran past the notebook's {time_limit_s:.0f} s "
+                      f"limit:\n{cell.source}")
+  finally:
+    if os.environ.get("NOTEBOOK_EXECUTED_DIR"):  # keep the executed copy (outputs, figures) for a look
+      os.makedirs(os.environ["NOTEBOOK_EXECUTED_DIR"], exist_ok=True)
+      nbformat.write(nb, os.path.join(os.environ["NOTEBOOK_EXECUTED_DIR"], os.path.basename(path)))
+  return time.monotonic() - start
 
 
 def test_notebooks_exist():
