@@ -94,8 +94,7 @@ def _decode(net, params, codes):
 
 def _reconstruct(net, params, masked_index, image_index, inputs):
   """Reconstruction-only baseline: code of the masked image -> backbone (t = 0) -> the image's code head."""
-  code = net.apply({"params": params}, inputs["masked_image"], inputs["mask"], method="encode_one",
-                   index=masked_index)
+  code = net.apply({"params": params}, masked_index, inputs["masked_image"], inputs["mask"], method="encode_one")
   t = jnp.zeros((code.shape[0],), jnp.float32)
   pred = net.apply({"params": params}, code, t, method="predict")
   return net.apply({"params": params}, image_index, pred[image_index], method="decode_one")
