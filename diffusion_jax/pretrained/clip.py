@@ -252,7 +252,8 @@ def load_clip(path: str, *, kind: Optional[str] = None, subfolder: Optional[str]
 
 
 def save_clip(directory: str, params: Mapping[str, Any], config: ConfigT, kind: str) -> None:
-  """Writes config.json + model.safetensors loadable by the transformers class of `kind`."""
+  """Writes config.json + model.safetensors loadable by the transformers class of `kind` (+ the image
+  processor's preprocessor_config.json for a model with a vision tower)."""
   check_choice("CLIP kind", kind, KINDS)
   if kind == "clip":
     cfg = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.projection_dim,
@@ -271,3 +272,25 @@ def save_clip(directory: str, params: Mapping[str, Any], config: ConfigT, kind: 
   os.makedirs(directory, exist_ok=True)
   io.save_state_dict(state, os.path.join(directory, "model.safetensors"))
   io.write_json(cfg, os.path.join(directory, "config.json"))
+  if kind in ("clip", "vision", "vision_with_projection"):
+    vision = config.vision if kind == "clip" else config
+    write_preprocessor_config(directory, int(vision.image_size))
+
+
+# The image preprocessing of `data.clip_cache.preprocess_images` (shorter side resized with PIL bicubic, centre
+# crop, [0, 1], CLIP mean / std), as transformers' CLIPImageProcessor reads it.
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def write_preprocessor_config(directory: str, image_size: int) -> str:
+  """Writes `preprocessor_config.json` (a CLIPImageProcessor for `image_size` px inputs), so that
+  `transformers.CLIPProcessor.from_pretrained(directory)` (with the tokenizer files) works."""
+  path = os.path.join(directory, "preprocessor_config.json")
+  io.write_json({"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
+                 "do_resize": True, "size": {"shortest_edge": int(image_size)}, "resample": 3,
+                 "do_center_crop": True, "crop_size": {"height": int(image_size), "width": int(image_size)},
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": list(CLIP_IMAGE_MEAN), "image_std": list(CLIP_IMAGE_STD), "do_convert_rgb": True},
+                path)
+  return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Dict, Optional
 
 import jax
@@ -19,7 +20,8 @@ from diffusion_jax import paths
 
 
 class Accumulator:
-  """Averages every scalar metric between two logs with `clu.metrics.Average`.
+  """Averages every scalar metric between two logs with `clu.metrics.Average`; the metrics of `LAST` (the
+  learning rate) are the value of the window's last step instead (the current value, not a window mean).
 
   Per step it only keeps references to the step's on-device scalars (no device ops, no host sync: dispatching
   a merge per metric per step costs more than a small model's step on CPU); at log time the values are fetched
@@ -33,6 +35,7 @@ class Accumulator:
   def update(self, step: int, metrics: Dict[str, Any]):
     self._rows.append((int(step), metrics))
 
+  LAST = ("lr",)
   GUARDED = ("loss", "grad_norm")  # a finite loss with an infinite gradient norm is a divergence too
 
   def first_non_finite(self) -> Optional[tuple]:
@@ -55,7 +58,10 @@ class Accumulator:
     out = {}
     for k in host[0] if host else []:
       vals = np.asarray([np.asarray(m[k], np.float32).mean() for m in host if k in m], np.float32)
-      out[k] = float(clu_metrics.Average.from_model_output(vals).compute())
+      if k in self.LAST:
+        out[k] = float(vals[-1])
+      else:
+        out[k] = float(clu_metrics.Average.from_model_output(vals).compute())
     return out
 
   def reset(self):
@@ -82,8 +88,19 @@ def _has_module(name: str) -> bool:
     return False
 
 
+_TB_INVALID = re.compile(r"[^-/\w.]")
+
+
+def tensorboard_tag(name: str) -> str:
+  """A TensorBoard-legal tag for a metric name (TensorBoard allows letters, digits and "_-/."): "eval/R@1" ->
+  "eval/R_at_1", other characters -> "_". metrics.jsonl keeps the original names; this avoids tensorboardX's renaming
+  message for every write."""
+  return _TB_INVALID.sub("_", str(name).replace("@", "_at_")).lstrip("/")
+
+
 class MetricWriter:
-  """Writes scalar dicts to `workdir/metrics.jsonl`, TensorBoard (`workdir/`) and the console."""
+  """Writes scalar dicts to `workdir/metrics.jsonl`, TensorBoard (`workdir/`, tags `tensorboard_tag(name)`) and
+  the console."""
 
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
@@ -132,14 +149,14 @@ class MetricWriter:
     if self._tb is not None:
       for k, v in scalars.items():
         if isinstance(v, (int, float, np.floating, np.integer)):
-          self._tb.add_scalar(k, float(v), int(step))
+          self._tb.add_scalar(tensorboard_tag(k), float(v), int(step))
     if console:
       logging.info("step %d: %s", step, ", ".join(
           f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items()))
 
   def write_image(self, step: int, tag: str, image: np.ndarray):
     if self._tb is not None:
-      self._tb.add_image(tag, np.asarray(image), int(step), dataformats="HWC")
+      self._tb.add_image(tensorboard_tag(tag), np.asarray(image), int(step), dataformats="HWC")
 
   def flush(self):
     if self._tb is not None:

@@ -17,7 +17,8 @@ initial params (+ frozen arrays), the loss, sampling and evaluation. Per run:
    current mesh);
 5. the train step `(state, frozen, batch) -> (state, metrics)` is jitted with in/out shardings and the
    state donated, compiled ahead of time;
-6. loop: metrics (clu Average) -> DIR/metrics.jsonl + TensorBoard + console every `log_every`; checkpoint
+6. loop: metrics (clu Average; `lr` the current value) -> DIR/metrics.jsonl + TensorBoard + console every
+   `log_every` (`steps_per_sec` of train steps only; sampling / evaluation in `sample_sec` / `eval_sec` rows); checkpoint
    every `ckpt_every` (state + grain iterator + config); sample sheets of a fixed eval batch every
    `sample_every` (DIR/samples/); evaluation every `eval_every`; at the end the export (DIR/export, what a
    stage hands on), evaluation (DIR/eval_results.json) and a last sample sheet.
@@ -667,21 +668,32 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
     ckpt.save(step, state, run.iterator, config_dict)
     last_saved = step
 
+  paused = 0.0  # seconds of the current log window spent outside train steps (checkpoints, samples, evaluation)
+
   def do_eval(step: int):
+    nonlocal paused
+    t0 = time.time()
     rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0xE7A1)
     res = run.experiment.evaluate(run.eval_params(state), frozen, rng, run.local_workdir) or {}
     res = {k: float(v) if np.ndim(v) == 0 and not isinstance(v, str) else v for k, v in res.items()}
+    eval_sec = time.time() - t0
+    paused += eval_sec
     if is_main:
       scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, float)}
-      if scalars:
-        writer.write(step, scalars)
+      writer.write(step, {**scalars, "eval_sec": eval_sec})
       with paths.open(paths.join(workdir, "eval_results.json"), "w") as f:
         json.dump({"step": step, **{k: v for k, v in res.items() if isinstance(v, (float, int, str))}}, f, indent=1)
     return res
 
   def do_sample(step: int):
+    nonlocal paused
+    t0 = time.time()
     write_samples(run, run.eval_params(state), jax.random.fold_in(sample_rng, step), num_samples,
                   paths.join(workdir, "samples", f"step_{step:07d}.png"), writer, step)
+    sample_sec = time.time() - t0
+    paused += sample_sec
+    if is_main:
+      writer.write(step, {"sample_sec": sample_sec}, console=False)
 
   from tqdm import tqdm
   bar = tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
@@ -708,15 +720,19 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
         check_finite(step)
         scalars = acc.compute()
         now = time.time()
-        sps = (step - step_log) / max(now - t_log, 1e-9)
+        # Train steps only: checkpoint saves, sample sheets and evaluations in the window are taken out (they
+        # are logged as sample_sec / eval_sec rows of their own).
+        sps = (step - step_log) / max(now - t_log - paused, 1e-9)
         scalars.update(steps_per_sec=sps, examples_per_sec=sps * global_batch)
         writer.write(step, scalars, console=True)
         bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4g}")
         last_metrics = {"step": step, **scalars}
         acc.reset()
-        t_log, step_log = time.time(), step
+        t_log, step_log, paused = time.time(), step, 0.0
       if ckpt_every and step % ckpt_every == 0:
+        t0 = time.time()
         save(step)
+        paused += time.time() - t0
       if sample_every and step % sample_every == 0:
         do_sample(step)
       if eval_every and step % eval_every == 0 and step != num_steps:
@@ -797,16 +813,25 @@ def sample(config: ml_collections.ConfigDict, workdir: str, num: Optional[int] =
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Dict[str, str]] = None
              ) -> Dict[str, Any]:
-  """Evaluates the latest checkpoint; writes DIR/eval_results.json; returns the results."""
+  """Evaluates the latest checkpoint; writes DIR/eval_results.json and appends a row to DIR/metrics.jsonl
+  ({"step", "eval/<name>": value, "eval_sec", "mode": "eval"}); returns the results."""
   run, state, step = _restore_latest(config, workdir, stages)
   try:
+    t0 = time.time()
     rng = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0xE7A1)
     res = run.experiment.evaluate(run.eval_params(state), run.frozen, rng, run.local_workdir) or {}
     res = {k: float(v) if np.ndim(v) == 0 and not isinstance(v, str) else v for k, v in res.items()}
+    eval_sec = time.time() - t0
     out = {"step": step, **res}
     if jax.process_index() == 0:
       with paths.open(paths.join(workdir, "eval_results.json"), "w") as f:
         json.dump({k: v for k, v in out.items() if isinstance(v, (float, int, str))}, f, indent=1)
+      writer = MetricWriter(workdir)
+      try:
+        writer.write(step, {**{f"eval/{k}": v for k, v in res.items() if isinstance(v, float)},
+                            "eval_sec": eval_sec, "mode": "eval"}, console=False)
+      finally:
+        writer.close()
     logging.info("Evaluation at step %d: %s", step, res)
     return out
   finally:
