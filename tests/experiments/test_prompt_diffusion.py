@@ -160,8 +160,8 @@ def test_zero_init_equals_base_unet(pd_run):
   s = exp.image_size
   c = {"ctx": ctx, "pair": jax.random.uniform(k[2], (b, s, s, 6), minval=-1, maxval=1),
        "query": jax.random.uniform(k[3], (b, s, s, 3), minval=-1, maxval=1)}
-  model = exp.model_fn()
-  base = np.asarray(exp.unet.apply({"params": frozen["unet"]}, x, t, ctx))
+  model = jax.jit(exp.model_fn())  # one compile for the three calls below
+  base = np.asarray(jax.jit(exp.unet.apply)({"params": frozen["unet"]}, x, t, ctx))
   np.testing.assert_array_equal(np.asarray(model(params, frozen["unet"], x, t, c)), base)
   bumped = jax.tree.map(lambda a: a, params)
   bumped["controlnet"] = dict(params["controlnet"])
@@ -216,3 +216,19 @@ def test_mode_sample_sheet(pd_run):
     assert src.pick(k)[0] == PD.SEEN_TASKS[k]
     np.testing.assert_array_equal(arr["ground_truth"][k], src[k]["target"])
   assert np.isfinite(arr["output"]).all()
+
+
+def test_cnft_baseline_variant(pd_run):
+  """CN-FT (the paper's per-task ControlNet baseline): a plain ControlNet on the query (3 channels, no pair, no
+  second hint encoder), trained and evaluated on its one task; the variant names exactly one task."""
+  wd, _, _ = pd_run
+  cfg = prompt_diffusion_shapes.get_config("tiny,cnft,inv_depth")
+  exp = _experiment(wd, cfg)
+  assert exp.control_config.conditioning_channels == 3 and exp.control_config.query_conditioning_channels is None
+  assert list(exp.eval_sets(4)) == ["inv_depth"]
+  src = exp.source("train")
+  assert {src.pick(k)[0] for k in range(50)} == {"inv_depth"}
+  assert cfg.train.num_steps == prompt_diffusion_shapes.get_config("tiny").train.num_steps  # same budget
+  for bad in ("cnft", "cnft,depth,edge", "depth"):
+    with pytest.raises(ValueError):
+      prompt_diffusion_shapes.get_config(bad)
