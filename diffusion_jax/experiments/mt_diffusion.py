@@ -92,7 +92,7 @@ def _decode(net, params, codes):
   return {m.kind: M.ModalityDecoder.readout(m, dec[m.kind]) for m in net.modalities}
 
 
-def _reconstruct(net, params, masked_index, image_index, inputs):
+def _reconstruct(net, masked_index, image_index, params, inputs):
   """Reconstruction-only baseline: code of the masked image -> backbone (t = 0) -> the image's code head."""
   code = net.apply({"params": params}, masked_index, inputs["masked_image"], inputs["mask"], method="encode_one")
   t = jnp.zeros((code.shape[0],), jnp.float32)
@@ -359,7 +359,7 @@ class MTDiffusionExperiment(Experiment):
     inputs = self._inputs(frozen, batch)
     apply = lambda method, *a, **kw: self.net.apply({"params": params}, *a, method=method, **kw)
     if self.mode == "reconstruction":
-      x = _reconstruct(self.net, params, self.index["masked_image"], self.index["image"], inputs)
+      x = _reconstruct(self.net, self.index["masked_image"], self.index["image"], params, inputs)
       err = jnp.mean(jnp.square(x - inputs["image"]), axis=(1, 2, 3))
       m = inputs["mask"][..., None]
       masked = jnp.sum(jnp.square(x - inputs["image"]) * m, axis=(1, 2, 3)) / (3 * jnp.sum(m, axis=(1, 2, 3)) + 1e-8)

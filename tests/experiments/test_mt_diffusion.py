@@ -139,6 +139,27 @@ def test_inpainting_metrics_on_known_fills(monkeypatch, tmp_path):
       assert ref > 0.05
 
 
+def test_reconstruction_baseline_loss_is_the_mse_of_its_inpainting():
+  """The reconstruction-only baseline: its loss is the image MSE of what inpaint() returns (one pass, no
+  sampler), and its masked-region metric is that error over the masked pixels."""
+  cfg = mt_diffusion_shapes.get_config("inpaint_recon,tiny")
+  exp = get_experiment(cfg)
+  batch, _ = next(exp.test_batches(8, 8))
+  params = jax.jit(exp.init)(jax.random.key(0), {k: jnp.asarray(v) for k, v in batch.items()}, {})
+  params = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size, dtype=a.dtype).reshape(a.shape)), params)
+  loss, metrics = exp.loss(params, {}, {}, batch, jax.random.key(1), 0)
+  raw = np.asarray(exp._recon_jit(params, exp._inputs({}, batch)))
+  x = exp.inpaint(params, {}, jax.random.key(2), batch)
+  assert x.shape == batch["image"].shape and np.array_equal(x, np.clip(raw, -1, 1))
+  err = raw - batch["image"]
+  assert float(loss) == pytest.approx(float(np.mean(err ** 2)), rel=1e-4)
+  m = batch["mask"][..., None]
+  want = np.mean(np.sum(err ** 2 * m, (1, 2, 3)) / (3 * m.sum((1, 2, 3))))
+  assert float(metrics["mse_masked"]) == pytest.approx(float(want), rel=1e-4)
+  with pytest.raises(ValueError, match="no sampler"):
+    exp.generate(params, {}, jax.random.key(0), batch)
+
+
 VARIANTS = [f"{e}{m}" for e in mt_diffusion_shapes.EXPERIMENTS for m in ("", ",tiny", ",unet")]
 
 
