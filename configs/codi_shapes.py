@@ -132,4 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # steps; the diffusion baseline: 4 and 50 DDIM, 4 DPM-Solver++ steps).
   c.eval.settings = (["consistency:2"] if not diffusion else ["ddim:2"]) if tiny else []
   c.eval.guidance = None
+  # The shapes FD of the outputs to the ground truth (eval/shapes_fd.py): the ShapesNet weights file made by
+  # `python scripts/shapes_fd.py train --out PATH --image_size 32`; empty = not computed (evaluate says so).
+  c.eval.shapes_fd_path = ""
   return c

@@ -259,6 +259,30 @@ class CoDiExperiment(t2i.TextToImageExperiment):
       raise ValueError(f"config.codi.cfg_min={o['cfg_min']} must be < cfg_max={o['cfg_max']} (w ~ U{{min..max-1}}).")
     if config.model.get("unet", ""):
       raise ValueError("codi adapts the base pipeline's UNet; leave config.model.unet empty.")
+    self._shapes_fd = self._load_shapes_fd()
+
+  def _load_shapes_fd(self):
+    """The shapes-FD network of `config.eval.shapes_fd_path` (eval/shapes_fd.py), loaded and checked at start-up;
+    None when the key is unset (evaluate then says the distance is not computed)."""
+    path = str(self.config.eval.get("shapes_fd_path", "") or "")
+    if not path:
+      return None
+    size = self.image_size
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"config.eval.shapes_fd_path={path!r} does not exist. Make it once with `python scripts/shapes_fd.py "
+          f"train --out {path} --image_size {size}` (docs/eval.md), or leave config.eval.shapes_fd_path empty "
+          "to evaluate without the shapes FD.")
+    if self.config.data.name != "shapes":
+      raise ValueError(f"config.eval.shapes_fd_path is set, but the shapes FD is a distance of the shapes world "
+                       f"and the data is {self.config.data.name!r}; leave the key empty.")
+    from diffusion_jax.eval.shapes_fd import ShapesFD
+    fd = ShapesFD(path, batch_size=int(self.config.eval.get("batch_size", 100)))
+    if int(fd.info["image_size"]) != size:
+      raise ValueError(f"config.eval.shapes_fd_path={path!r} was trained at {fd.info['image_size']}px; the images "
+                       f"are {size}px. Train one with `python scripts/shapes_fd.py train --out PATH "
+                       f"--image_size {size}`.")
+    return fd
 
   # -- settings --------------------------------------------------------------------------------------
 
@@ -547,7 +571,10 @@ class CoDiExperiment(t2i.TextToImageExperiment):
   def evaluate(self, params, frozen, rng, workdir: str) -> Dict[str, float]:
     """Per setting of `eval_settings`: pixel MSE / PSNR to the ground truth and, on the shapes world, the parser's
     scores of the outputs against the scenes the conditions were rendered from (class, binding, shape / colour
-    recall, count). Same initial noise for every setting. Writes WORKDIR/samples/codi_eval.png:
+    recall, count) and, with `config.eval.shapes_fd_path`, the shapes FD (eval/shapes_fd.py) of the outputs to
+    the ground-truth images (`<setting>_shapes_fd`), next to its floor at the same count: ground truth vs as many
+    independent real train-split images (`real_shapes_fd`). Without the key, `shapes_fd_status` says it is not
+    computed. Same initial noise for every setting. Writes WORKDIR/samples/codi_eval.png:
     condition | each setting | ground truth."""
     from diffusion_jax.images import sample_sheet, save_png
     arr = t2i._CacheSource(self.cache("test")).arrays()
@@ -555,8 +582,26 @@ class CoDiExperiment(t2i.TextToImageExperiment):
     bs = min(int(self.config.eval.get("batch_size", 100)), num)
     guidance = self.config.eval.get("guidance", None)
     gt = np.asarray(arr["image"][:num])
-    out: Dict[str, float] = {}
+    out: Dict[str, Any] = {}
     sheet_cols: Dict[str, np.ndarray] = {}
+    fd = self._shapes_fd
+    if fd is not None:
+      from diffusion_jax.eval.fid import frechet_distance
+      to_pm1 = lambda u8: np.asarray(u8, np.float32) / 127.5 - 1.0
+      gt_stats = fd.statistics(to_pm1(gt))
+      gt_mu, gt_cov = gt_stats.mean(), gt_stats.cov()
+
+      def fd_to_gt(u8):
+        st = fd.statistics(to_pm1(u8))
+        return frechet_distance(st.mean(), st.cov(), gt_mu, gt_cov)
+
+      real = np.asarray(t2i._CacheSource(self.cache("train")).arrays()["image"][:num])
+      out["real_shapes_fd"] = fd_to_gt(real)
+      out["shapes_fd_num"] = int(min(num, len(real)))
+      out["shapes_fd_sha256"] = fd.sha256
+    else:
+      out["shapes_fd_status"] = ("not computed: config.eval.shapes_fd_path is unset (make the network with "
+                                 "`python scripts/shapes_fd.py train --out PATH`, docs/eval.md)")
     for setting in self.eval_settings():
       sampler, steps = str(setting).split(":")
       imgs = []
@@ -576,9 +621,11 @@ class CoDiExperiment(t2i.TextToImageExperiment):
       mse = np.mean((imgs - gt.astype(np.float32) / 255.0) ** 2, axis=(1, 2, 3))
       out[tag + "pixel_mse"] = float(np.mean(mse))
       out[tag + "psnr"] = float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10))))
+      u8 = np.round(imgs * 255).astype(np.uint8)  # as a PNG would store them
+      if fd is not None:
+        out[tag + "shapes_fd"] = fd_to_gt(u8)
       if self.config.data.name == "shapes" and "objects" in arr:
         from diffusion_jax.eval import shapes_parser
-        u8 = np.round(imgs * 255).astype(np.uint8)
         for k_, v in shapes_parser.score_all(u8, np.asarray(arr["objects"][:num])).items():
           out[tag + k_] = float(v)
       sheet_cols[f"{sampler} {steps}"] = imgs[:16]

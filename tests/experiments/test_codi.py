@@ -340,3 +340,7 @@ def test_bad_settings_name_the_fix():
     get_experiment(c, stages=st)
   with pytest.raises(ValueError, match="stages.pipeline"):
     get_experiment(codi_shapes.get_config("tiny"), stages={})
+  c = codi_shapes.get_config("tiny")
+  c.eval.shapes_fd_path = "/nonexistent/net16.safetensors"
+  with pytest.raises(FileNotFoundError, match=r"config.eval.shapes_fd_path=.*scripts/shapes_fd.py train.*16"):
+    get_experiment(c, stages=st)
