@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mt.weights = (0.5, 0.5)
   c.mt.weights_end = ()
   c.mt.rec_weights = (1.0, 1.0)
+  c.mt.code_weight = 1.0
   c.mt.num_classes = 1000
   c.mt.embed_dim = 0
   c.mt.encoders = ml_collections.ConfigDict(dict(image=dict(encoder="identity"),

@@ -101,6 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mt.weights = tuple([1.0 / n] * n)
   c.mt.weights_end = ()
   c.mt.rec_weights = tuple([1.0] * n)
+  c.mt.code_weight = 1.0  # per-modality code matching (the ELBO alone only sees the weighted sum of the codes)
   c.mt.num_classes = 35
   c.mt.embed_dim = 0
   c.mt.encoders = ml_collections.ConfigDict(dict(image=dict(encoder="identity")))

@@ -67,7 +67,7 @@ WEIGHTINGS = ("kl", "simple", "min_snr")
 SEGMENT_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                             [245, 130, 48], [145, 30, 180], [70, 240, 240]], np.float32) / 255.0
 MT_KEYS = ("modalities", "mode", "code_channels", "code_scale", "weights", "weights_end", "rec_weights",
-           "num_classes", "embed_dim", "encoders")
+           "code_weight", "num_classes", "embed_dim", "encoders")
 
 
 def _get(cfg, key, default):
@@ -243,10 +243,12 @@ class MTDiffusionExperiment(Experiment):
     if len(rw) != N:
       raise ValueError(f"config.mt.rec_weights needs one weight per modality ({N}: {self.kinds}), got {rw}.")
     self.rec_weights = [float(v) for v in rw]
+    self.code_weight = float(_get(mc, "code_weight", 1.0))
     tab = mt.tables(self.schedule)
     snr = tab["abar"][1:] / (1.0 - tab["abar"][1:])
-    # min-SNR factor per paper time t = 1..T (index 0 unused).
+    # min-SNR factor per paper time t = 1..T (index 0 unused), and min(SNR_t, gamma) for the code term.
     self._msnr = np.concatenate([[1.0], np.minimum(snr, self.snr_gamma) / snr]).astype(np.float32)
+    self._code_w = np.concatenate([[0.0], np.minimum(snr, self.snr_gamma)]).astype(np.float32)
 
     if "embedding" in self.kinds:
       self._check_clip_dim()
@@ -372,6 +374,14 @@ class MTDiffusionExperiment(Experiment):
       loss = loss * jnp.asarray(self._msnr)[terms["t"].astype(jnp.int32)]
     metrics = {"loss_diffusion": loss.mean(), "L_T": terms["L_T"].mean(),
                "code_rms": jnp.sqrt(jnp.mean(jnp.square(codes)))}
+    # Per-modality code matching: the ELBO's terms see the codes only through their weighted sums m_t (with
+    # constant weights, any split of m^_t among the modalities has the same loss), so the heads' individual
+    # codes are not identified by them; this term (ours) makes each head predict its own modality's code.
+    code_se = jnp.mean(jnp.square(codes - terms["codes_hat"]), axis=tuple(range(2, codes.ndim)))  # [N, B]
+    for i, k in enumerate(self.kinds):
+      metrics[f"code_mse_{k}"] = code_se[i].mean()
+    if self.code_weight:
+      loss = loss + self.code_weight * jnp.asarray(self._code_w)[terms["t"].astype(jnp.int32)] * code_se.sum(0)
     rec = apply("restoration", codes, inputs)
     total = loss
     for k, w in zip(self.kinds, self.rec_weights):

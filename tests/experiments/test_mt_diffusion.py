@@ -33,6 +33,7 @@ def tiny_run(tmp_path_factory):
 def test_tiny_label_end_to_end(tiny_run):
   cfg, wd, out, sampled = tiny_run
   assert out["step"] == cfg.train.num_steps and np.isfinite(out["loss"])
+  assert out["code_mse_image"] > 0 and out["code_mse_label"] > 0  # the per-modality code terms are trained
   assert out["eval/num_samples"] == cfg.eval.num_samples
   for k in ("precision", "recall", "label_image_agreement", "label_to_image_accuracy", "image_to_label_accuracy"):
     assert 0.0 <= out[f"eval/{k}"] <= 1.0, (k, out[f"eval/{k}"])  # fails on NaN too
