@@ -28,7 +28,7 @@ demo: venv
 	$(PYBIN) -m diffusion_jax.main --config configs/eclipse_prior.py --workdir $(WORKDIR)
 
 test: venv-test
-	$(PYBIN) -m pytest -q -n 2 --dist loadfile tests
+	$(PYBIN) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV) workdirs
