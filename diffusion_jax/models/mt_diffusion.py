@@ -40,7 +40,7 @@ experiment: `diffit_image`, `sd_unet`, ...), one 1x1-conv code head per modality
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Tuple
 
 import flax.linen as nn
 import jax

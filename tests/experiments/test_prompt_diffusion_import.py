@@ -110,7 +110,6 @@ def test_sd15_config_paper_hyperparameters():
 def test_sd15_controlnet_parameter_count():
   """The SD-1.5 Prompt Diffusion ControlNet: SD-1.5's ControlNet (361.3M) + a second hint encoder and 3 more input
   channels on the first (8 + 3 channels of 16 3x3 kernels)."""
-  from diffusion_jax.experiments.prompt_diffusion import PromptDiffusionExperiment  # noqa: F401
   from diffusion_jax.models.codi_adapter import cond_embedding_channels
   from diffusion_jax.models.controlnet import abstract_controlnet_params, controlnet_config_from_unet
   from diffusion_jax.models.unet import count_params, sd15_unet_config

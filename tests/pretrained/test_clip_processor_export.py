@@ -10,7 +10,6 @@ import pytest
 
 from diffusion_jax.data import clip_cache
 from diffusion_jax.experiments.clip_pretrain import clip_config_from, save_hf_clip
-from diffusion_jax.models import clip as clip_lib
 from diffusion_jax.pretrained import clip as clip_io
 
 transformers = pytest.importorskip("transformers")
