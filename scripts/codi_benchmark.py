@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,11 +39,10 @@ def main(argv=None):
   ap.add_argument("--task", default="sr")
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--cache_dir", default="/tmp/codi_benchmark_cache")
+  ap.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "codi_benchmark_cache"))
   a = ap.parse_args(argv)
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from configs import codi_shapes
   from diffusion_jax.core import samplers
   from diffusion_jax.experiments import codi as C

@@ -18,7 +18,6 @@ for p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
     sys.path.insert(0, p)
 
 import sd_testlib  # noqa: E402
-from diffusion_jax.core import guidance as G  # noqa: E402
 from diffusion_jax.core.schedules import make_schedule  # noqa: E402
 from diffusion_jax.experiments import codi as C  # noqa: E402
 from diffusion_jax.models import codi_adapter as A  # noqa: E402
