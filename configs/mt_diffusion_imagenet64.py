@@ -10,7 +10,7 @@ the 64x64 DiffiT config (configs/diffit_ffhq64.py: 4 stages at 64/32/16/8, chann
 64 x 64 x 4 (the image's identity code on channels 0-2), the 1000-class label encoder (embedding 256 -> an
 8 x 8 x 4 map -> upsampling) and decoder, constant weights 1/2, a 1000-step cosine schedule (improved DDPM's
 ImageNet-64 choice), min-SNR-5 weighting, batch 256, Adam 1e-4, 400k steps, EMA 0.9999: 28.7M parameters
-(28,729,524; the paper's count is not public), checked by the tests (tests/experiments/test_mt_diffusion.py).
+(28,729,524; the paper's count is not public), checked by the tests (tests/experiments/test_mt_diffusion_experiment.py).
 Sampling runs all 1000 ancestral steps (`core.mt_diffusion.mt_sample` has no respacing yet).
 
 Variants: "" (the paper-scale run).
