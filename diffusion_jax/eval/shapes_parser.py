@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -430,6 +430,20 @@ def _dilate(m: np.ndarray) -> np.ndarray:
   return out
 
 
+def segmentation_ious(pred, target) -> list:
+  """Per image pair of segment-id maps [B, H, W]: the mean IoU over the classes (> 0) present in either map
+  (1.0 for two empty maps)."""
+  scores = []
+  for p, t in zip(np.asarray(pred), np.asarray(target)):
+    classes = sorted((set(np.unique(p).tolist()) | set(np.unique(t).tolist())) - {0})
+    if not classes:
+      scores.append(1.0)
+      continue
+    scores.append(float(np.mean([np.count_nonzero((p == c) & (t == c)) / np.count_nonzero((p == c) | (t == c))
+                                 for c in classes])))
+  return scores
+
+
 def map_consistency(images, maps, kind: str, cfg=None, value_range: str = "auto") -> float:
   """Agreement (mean over images, in [0, 1]) between the maps of the parsed images and conditioning `maps`."""
   check_choice("map kind", kind, MAP_KINDS)
@@ -442,14 +456,7 @@ def map_consistency(images, maps, kind: str, cfg=None, value_range: str = "auto"
                      f"{maps.shape}.")
   scores = []
   if kind == "segmentation":
-    pred = got["segmentation"]
-    for p, t in zip(pred, maps):
-      classes = sorted((set(np.unique(p).tolist()) | set(np.unique(t).tolist())) - {0})
-      if not classes:
-        scores.append(1.0)
-        continue
-      scores.append(np.mean([np.count_nonzero((p == c) & (t == c)) / np.count_nonzero((p == c) | (t == c))
-                             for c in classes]))
+    scores = segmentation_ious(got["segmentation"], maps)
   elif kind in ("instances", "foreground"):
     pred, tgt = got["instances"] > 0, maps > 0
     for p, t in zip(pred, tgt):

@@ -153,17 +153,10 @@ def segment_colours(seg) -> np.ndarray:
 
 
 def segmentation_iou(pred, target) -> float:
-  """Mean over images of the mean IoU over the classes (> 0) present in either map (1 for two empty maps); the
-  segmentation branch of `eval.shapes_parser.map_consistency`, on two maps."""
-  scores = []
-  for p, t in zip(np.asarray(pred), np.asarray(target)):
-    classes = sorted((set(np.unique(p).tolist()) | set(np.unique(t).tolist())) - {0})
-    if not classes:
-      scores.append(1.0)
-      continue
-    scores.append(np.mean([np.count_nonzero((p == c) & (t == c)) / np.count_nonzero((p == c) | (t == c))
-                           for c in classes]))
-  return float(np.mean(scores))
+  """Mean over images of the mean IoU over the classes (> 0) present in either map (1 for two empty maps): the
+  parser's `segmentation_ious` (the segmentation branch of `map_consistency`), on two maps."""
+  from diffusion_jax.eval.shapes_parser import segmentation_ious
+  return float(np.mean(segmentation_ious(pred, target)))
 
 
 # ---------------------------------------------------------------------------------------- experiment
