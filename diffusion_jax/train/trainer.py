@@ -555,24 +555,18 @@ def write_export(run: _Run, params, workdir: str) -> Optional[str]:
   final = export_dir(workdir)
   if jax.process_index() != 0:
     return final
-  if paths.is_url(final):  # export locally (loaders write local files), then upload the directory
-    tmp = paths.join(run.local_workdir, EXPORT_SUBDIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    run.experiment.export(params, run.frozen, tmp)
-    if not os.listdir(tmp):
-      os.rmdir(tmp)
-      return None
-    paths.put_dir(tmp, final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return final
-  tmp = final + ".tmp"
+  remote = paths.is_url(final)  # a URL: export locally (loaders write local files), then upload the directory
+  tmp = paths.join(run.local_workdir, EXPORT_SUBDIR + ".tmp") if remote else final + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   run.experiment.export(params, run.frozen, tmp)
   if not os.listdir(tmp):
     os.rmdir(tmp)
     return None
+  if remote:
+    paths.put_dir(tmp, final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
   old = final + ".old"
   if os.path.exists(final):
     shutil.rmtree(old, ignore_errors=True)
