@@ -104,5 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(sampler="edm_heun", num_steps=4 if tiny else 18, guidance_scale=1.0,
                                             guidance_schedule="constant"))
   c.eval = ml_collections.ConfigDict(dict(num_samples=8 if tiny else 350, batch_size=8 if tiny else 175,
-                                          fid_feature="random_conv"))
+                                          fid_feature="random_conv",
+                                          # with fid_feature="shapes_fd": the ShapesNet weights file made by
+                                          # `python scripts/shapes_fd.py train --out PATH --image_size 16`
+                                          shapes_fd_path=""))
   return c
