@@ -4,16 +4,19 @@ compilation cache shared by the test processes.
 Many tests compile the same programs (the tiny UNet / CLIP / VAE of the text-to-image, CoDi and ECLIPSE tests,
 the CLI runs in subprocesses), and on 2 CPU cores most of the suite's time is XLA compilation. JAX's persistent
 cache (keyed by the program, the jax/jaxlib version, the backend and the flags) lets each distinct program
-compile once per machine: `<repo>/.cache/jax_tests` by default, `DIFFUSION_JAX_TEST_COMPILE_CACHE=<dir>` to move
-it, `=off` to run every compile cold. The environment variables are set before jax is imported, so the
+compile once per machine: `DIFFUSION_JAX_TEST_COMPILE_CACHE=on` (`<repo>/.cache/jax_tests`) or `=<dir>`; off by
+default (see below). The environment variables are set before jax is imported, so the
 subprocesses the tests start use the same cache.
 """
 
 import os
 
-_CACHE = os.environ.get("DIFFUSION_JAX_TEST_COMPILE_CACHE",
-                        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache",
-                                     "jax_tests"))
+# Off by default: with the cache on, two of three fresh-clone runs lost an xdist worker to a C++ abort inside a
+# jitted ECLIPSE train step (tests/experiments/test_eclipse_flow.py::test_paper_configs_tiny_with_local_hf_clip),
+# cause not yet established. `DIFFUSION_JAX_TEST_COMPILE_CACHE=on` (or a directory) turns it on.
+_CACHE = os.environ.get("DIFFUSION_JAX_TEST_COMPILE_CACHE", "off")
+if _CACHE == "on":
+  _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "jax_tests")
 if _CACHE != "off":
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
