@@ -111,6 +111,13 @@ class ShapesConfig:
   mask_min_frac: float = 0.25  # side of the inpainting box, as a fraction of image_size
   mask_max_frac: float = 0.5
   masked_value: int = 128
+  # Nuisance: image content the caption does not describe (all off by default; off, every example is
+  # bit-identical to a config without these keys). Drawn from `nuisance_rng(scene)`, a function of what the
+  # colour / position swaps keep, so a counterfactual image shares its scene's background and texture.
+  background_jitter: int = 0   # > 0: a random background colour per image, each channel in [0, this]
+  texture_noise: float = 0.0   # > 0: std (0-255 scale) of per-pixel Gaussian noise on the background pixels
+  size_jitter: int = 0         # > 0: small boxes up to this many px smaller, large ones up to this many larger
+                               # (even steps; the size words stay true: every small box < every large box)
 
   def __post_init__(self):
     s = self.image_size
@@ -127,6 +134,20 @@ class ShapesConfig:
       raise ValueError("ShapesConfig: small_frac must give a smaller box than large_frac.")
     if len(self.background) != 3:
       raise ValueError(f"ShapesConfig.background must be an RGB triple, got {self.background!r}.")
+    if not 0 <= self.background_jitter <= 255:
+      raise ValueError(f"ShapesConfig.background_jitter={self.background_jitter} must be in [0, 255].")
+    if self.texture_noise < 0:
+      raise ValueError(f"ShapesConfig.texture_noise={self.texture_noise} must be >= 0.")
+    if self.size_jitter < 0 or self.size_jitter % 2:
+      raise ValueError(f"ShapesConfig.size_jitter={self.size_jitter} must be an even number of pixels >= 0.")
+    if self.size_jitter and (self.extent("small") - self.size_jitter < 4
+                             or self.extent("large") + self.size_jitter > s - 2 * self.border):
+      raise ValueError(f"ShapesConfig.size_jitter={self.size_jitter} makes small boxes under 4 px or large boxes "
+                       "larger than the image.")
+
+  @property
+  def has_nuisance(self) -> bool:
+    return bool(self.background_jitter or self.texture_noise)
 
   def extent(self, size: str) -> int:
     """Bounding-box side in pixels of a `size` object (an even number, at least 4)."""
@@ -303,6 +324,9 @@ def sample_scene(rng_or_seed, cfg: ShapesConfig = ShapesConfig()) -> Scene:
   else:
     sizes = [SIZES[i] for i in rng.integers(0, len(SIZES), n)]
   extents = [cfg.extent(z) for z in sizes]
+  if cfg.size_jitter:  # small boxes only shrink, large ones only grow: "small" < "large" stays true
+    steps = rng.integers(0, cfg.size_jitter // 2 + 1, n)
+    extents = [e + (2 if z == "large" else -2) * int(k) for e, z, k in zip(extents, sizes, steps)]
   s, b = cfg.image_size, cfg.border
   for _ in range(1000):
     boxes: List[Tuple[int, int, int]] = []
@@ -386,6 +410,46 @@ def downsample(image: np.ndarray, factor: int) -> np.ndarray:
   return np.round(x).astype(np.uint8)
 
 
+def nuisance_rng(scene: Scene) -> np.random.Generator:
+  """The random stream of a scene's nuisance (background colour, texture): seeded by what `swap_colours` and
+  `swap_positions` keep (the sorted shapes, colours, centres and extents), so a counterfactual image has the same
+  background and texture as the scene it was made from."""
+  key = []
+  for field in ("shape", "colour", "centre", "extent"):
+    if field == "shape":
+      vals = sorted(SHAPES.index(o.shape) for o in scene.objects)
+    elif field == "colour":
+      vals = sorted(COLOUR_NAMES.index(o.colour) for o in scene.objects)
+    elif field == "centre":
+      vals = [v for c in sorted((o.cx, o.cy) for o in scene.objects) for v in c]
+    else:
+      vals = sorted(o.extent for o in scene.objects)
+    key += [len(vals)] + vals
+  return np.random.default_rng([7919] + key)
+
+
+def render_image(scene: Scene, cfg: ShapesConfig = ShapesConfig(), inst: Optional[np.ndarray] = None) -> np.ndarray:
+  """uint8 [S, S, 3]: the RGB image alone (objects in their palette colours over the background, plus the
+  nuisance of `cfg`: a random background colour and background texture noise, both from `nuisance_rng`)."""
+  s = cfg.image_size
+  inst = instance_map(scene, s) if inst is None else inst
+  image = np.empty((s, s, 3), np.uint8)
+  if cfg.has_nuisance:
+    rng = nuisance_rng(scene)
+    bg = np.asarray(cfg.background, np.float32)
+    if cfg.background_jitter:
+      bg = rng.integers(0, cfg.background_jitter + 1, 3).astype(np.float32)
+    field = np.broadcast_to(bg, (s, s, 3)).astype(np.float32)
+    if cfg.texture_noise:
+      field = field + rng.normal(0.0, cfg.texture_noise, (s, s, 3)).astype(np.float32)
+    image[:] = np.clip(np.round(field), 0, 255).astype(np.uint8)
+  else:
+    image[:] = np.asarray(cfg.background, np.uint8)
+  for k, o in enumerate(scene.objects):
+    image[inst == k + 1] = COLOURS[o.colour]
+  return image
+
+
 def render(scene: Scene, cfg: ShapesConfig = ShapesConfig(), rng_or_seed=None) -> Dict[str, np.ndarray]:
   """Renders every image modality of `scene` (see the module docstring).
 
@@ -396,13 +460,11 @@ def render(scene: Scene, cfg: ShapesConfig = ShapesConfig(), rng_or_seed=None) -
   if scene.image_size != s:
     raise ValueError(f"Scene is for image_size={scene.image_size} but cfg.image_size={s}.")
   inst = instance_map(scene, s)
-  image = np.empty((s, s, 3), np.uint8)
-  image[:] = np.asarray(cfg.background, np.uint8)
+  image = render_image(scene, cfg, inst)
   seg = np.zeros((s, s), np.uint8)
   depth = np.ones((s, s), np.float32)
   for k, o in enumerate(scene.objects):
     m = inst == k + 1
-    image[m] = COLOURS[o.colour]
     seg[m] = SHAPES.index(o.shape) + 1
     depth[m] = 0.8 - 0.6 * o.cy / s
   if rng_or_seed is None:
