@@ -133,6 +133,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   _base.set_ema(c, ema=0.9 if tiny else 0.995)
   c.train.progress_bar = False
 
+  # Sampler: "ancestral" (all T steps) or "ddim" (strided: num_steps grid times, 0 = T; eta 0 = deterministic,
+  # eta 1 with num_steps = T = the ancestral path), e.g. --config.sample.sampler=ddim --config.sample.num_steps=25.
+  c.sample = ml_collections.ConfigDict(dict(sampler="ancestral", num_steps=0, eta=0.0, timestep_spacing="linspace"))
   c.eval = ml_collections.ConfigDict(dict(num_samples=8 if tiny else 256, batch_size=8 if tiny else 128,
                                           shapes_fd_path="", pr_k=3))
   return c

@@ -1,5 +1,6 @@
 """MT-Diffusion core mathematics (pure JAX): the multi-modal forward process, its closed-form marginal and
-posterior, the multi-term ELBO pieces and ancestral sampling in one shared diffusion space.
+posterior, the multi-term ELBO pieces, ancestral sampling (`mt_sample`, all T steps) and strided DDIM-style
+sampling (`mt_ddim_sample`, any number of steps) in one shared diffusion space.
 
 The formulation is the project's (derived; the paper's equations and code are not available), see
 `shared/papers/mt_diffusion.md` and `docs/mt_diffusion.md`. Summary, with paper time t = 0..T:
@@ -497,3 +498,123 @@ def mt_sample(predict_fn: Callable, z_T, *, schedule: Schedule, weights: WeightS
   fn = predict_fn if isinstance(predict_fn, Partial) else Partial(predict_fn)
   return _sample_loop(fn, z_T, step_noise, jnp.asarray(weights.table, f32), tab, known_codes,
                       jnp.asarray(known_mask), cond, variance_type)
+
+
+# ----------------------------------------------------------------------------- strided (DDIM-style) sampling
+
+MT_SAMPLERS = ("ancestral", "ddim")
+
+
+def ddim_grid(schedule: Schedule, num_steps: int, timestep_spacing: str = "linspace") -> np.ndarray:
+  """Paper times T >= t_1 > ... > t_n >= 1 of a strided sampler: `core.schedules.spacing_timesteps` (the
+  DDPM / DDIM index grid of `core.samplers.ddim_sample`, k = t - 1) shifted to paper time. "linspace" runs
+  from t = T (where z_T ~ N(0, I) holds) to t = 1 (where the last codes are predicted, as in `mt_sample`);
+  "trailing" starts at T and ends at t = T / n, "leading" starts below T and ends at 1. With `num_steps` = T
+  every spacing is T, T - 1, ..., 1."""
+  from diffusion_jax.core.schedules import spacing_timesteps
+  ks = spacing_timesteps(schedule.num_train_timesteps, int(num_steps), timestep_spacing, 0, variant="ddpm")
+  return (np.asarray(ks, np.int64) + 1).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("stochastic",))
+def _ddim_loop(predict_fn, z_T, noises, wtab, co, known_codes, known_mask, cond, eta, stochastic):
+  N = wtab.shape[1]
+  B = z_T.shape[0]
+  zshape = z_T.shape
+
+  def body(carry, xs):
+    z, _ = carry
+    c, nz = xs
+    t, s = c["t"], c["s"]
+    ch = jnp.asarray(predict_fn(z, jnp.full((B,), t - 1, f32), cond), f32)
+    ch = jnp.where(known_mask.reshape((N,) + (1,) * len(zshape)), known_codes, ch)
+    m_t = jnp.tensordot(wtab[t], ch, axes=1)
+    m_s = jnp.tensordot(wtab[s], ch, axes=1)
+    eps = (z - c["sqrt_abar_t"] * m_t) / c["sqrt_1m_abar_t"]
+    std = eta * c["std1"]
+    z = c["sqrt_abar_s"] * m_s + jnp.sqrt(jnp.maximum(c["one_m_abar_s"] - std * std, 0.0)) * eps
+    if stochastic:
+      z = z + std * nz
+    return (z, ch), None
+
+  init = (z_T.astype(f32), jnp.zeros((N,) + zshape, f32))
+  (z, ch), _ = jax.lax.scan(body, init, (co, noises))
+  return z, ch
+
+
+def mt_ddim_sample(predict_fn: Callable, z_T, *, schedule: Schedule, weights: WeightSchedule, num_steps: int,
+                   eta: float = 0.0, timestep_spacing: str = "linspace", rng=None, cond=None, known_codes=None,
+                   known_mask=None, step_noise=None):
+  """Strided (DDIM-style, Song et al. 2021) sampling of the shared state on `num_steps` <= T paper times.
+
+  The MT forward marginal q(z_t | x) = N(sqrt(abar_t) m_t, (1 - abar_t) I) has DDIM's form with the clean
+  signal m_t = sum_i w_t^(i) E_i depending on t; the step from t to the next grid time s < t (s = 0 after the
+  last) is DDIM's update with the predicted codes aggregated at each end:
+
+      eps^ = (z_t - sqrt(abar_t) m^_t) / sqrt(1 - abar_t),
+      z_s  = sqrt(abar_s) m^_s + sqrt(1 - abar_s - sigma^2) eps^ + sigma noise,
+      sigma = eta sqrt((1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s)),
+
+  (`core.samplers.ddim_sample`'s coefficients; with one modality and constant weights it is that sampler with
+  prediction_type="sample"). eta = 0 is deterministic (no rng needed); eta = 1 with num_steps = T is exactly
+  the ancestral `mt_sample` with variance "fixed_small" (same noise: the same path). The last step lands on
+  z_0 = m^_0 whatever eta. Known modalities (`known_codes`, `known_mask`) are held fixed as in `mt_sample`.
+
+  Args:
+    num_steps: grid size (1..T); the grid is `ddim_grid(schedule, num_steps, timestep_spacing)`.
+    eta: DDIM's stochasticity (traced; 0 <= eta).
+    timestep_spacing: "linspace" (default: from t = T to t = 1), "trailing" or "leading" (diffusers'
+      spacings, as `core.samplers`; see `ddim_grid`).
+    step_noise: `[num_steps, B, ...]` per-step noise (entry j is used on the step from grid time j), instead
+      of `rng`; only read when eta != 0.
+  Returns:
+    (z_0 `[B, ...]`, codes `[N, B, ...]`) as `mt_sample`: the codes are those predicted at the last grid time.
+  """
+  _check_weights(weights, schedule)
+  N = weights.num_modalities
+  ts = ddim_grid(schedule, num_steps, timestep_spacing)
+  n = len(ts)
+  ss = np.concatenate([ts[1:], [0]]).astype(np.int32)
+  tab = tables(schedule)
+  a_t, a_s = tab["abar"][ts], tab["abar"][ss]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    var = np.where(a_t < 1.0, (1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s), 0.0)
+  co = dict(t=jnp.asarray(ts), s=jnp.asarray(ss),
+            **{k: jnp.asarray(v, f32) for k, v in dict(
+                sqrt_abar_t=np.sqrt(a_t), sqrt_1m_abar_t=np.sqrt(1.0 - a_t), sqrt_abar_s=np.sqrt(a_s),
+                one_m_abar_s=1.0 - a_s, std1=np.sqrt(np.maximum(var, 0.0))).items()})
+  z_T = jnp.asarray(z_T, f32)
+  stochastic = not (isinstance(eta, (int, float)) and float(eta) == 0.0)
+  if isinstance(eta, (int, float)) and float(eta) < 0:
+    raise ValueError(f"mt_ddim_sample: eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral), got {eta}.")
+  if not stochastic:
+    step_noise = jnp.zeros((n,) + z_T.shape, f32)
+  elif step_noise is not None:
+    step_noise = jnp.asarray(step_noise, f32)
+    if step_noise.shape != (n,) + z_T.shape:
+      raise ValueError(f"mt_ddim_sample: step_noise must have shape (num_steps,) + z_T.shape = "
+                       f"{(n,) + z_T.shape}, got {step_noise.shape}.")
+  else:
+    if rng is None:
+      raise ValueError("mt_ddim_sample with eta > 0 is stochastic: pass `rng=` (a jax.random key) or "
+                       "`step_noise=`.")
+    step_noise = jax.random.normal(rng, (n,) + z_T.shape, f32)
+  known_codes, known_mask = _known(N, z_T, known_codes, known_mask, "mt_ddim_sample")
+  fn = predict_fn if isinstance(predict_fn, Partial) else Partial(predict_fn)
+  return _ddim_loop(fn, z_T, step_noise, jnp.asarray(weights.table, f32), co, known_codes,
+                    jnp.asarray(known_mask), cond, jnp.asarray(eta, f32), stochastic)
+
+
+def _known(N, z_T, known_codes, known_mask, where):
+  if known_mask is None:
+    return jnp.zeros((N,) + z_T.shape, f32), np.zeros((N,), bool)
+  known_mask = np.asarray(known_mask, bool)
+  if known_mask.shape != (N,):
+    raise ValueError(f"{where}: known_mask must have shape [N] = ({N},), got {known_mask.shape}.")
+  if known_codes is None:
+    raise ValueError(f"{where}: known_mask is set but known_codes is None; pass the known codes [N, B, ...].")
+  known_codes = jnp.asarray(known_codes, f32)
+  if known_codes.shape != (N,) + z_T.shape:
+    raise ValueError(f"{where}: known_codes must have shape [N, B, ...] = {(N,) + z_T.shape}, got "
+                     f"{known_codes.shape}.")
+  return known_codes, known_mask

@@ -25,6 +25,12 @@ clean codes; at sampling they read the codes predicted at the last step.
 the masked image's code (backbone at t = 0) to the image's code, trained by the MSE on the image only (no
 diffusion); it needs the modalities "image" and "masked_image".
 
+Sampler (`config.sample`, used by `generate`, `inpaint`, `sample` and `evaluate`): `sampler` "ancestral" (the
+default: all T steps, `core.mt_diffusion.mt_sample`) or "ddim" (strided DDIM-style, `mt_ddim_sample`:
+`num_steps` grid times, 0 = T; `eta` 0 = deterministic, 1 with num_steps = T = the ancestral path;
+`timestep_spacing` "linspace" (default: t = T to 1), "trailing" or "leading"). `generate(..., num_steps=, eta=)` overrides
+them for one call (num_steps alone switches to "ddim").
+
 `sample()` (sample sheets, `--mode sample`): jointly generated modalities (image | segmentation | label as
 text), and each modality's conditional results (the image generated given the batch's label / segmentation /
 masked image (inpainting) / embedding). `evaluate()` (host side, the sampler compiled once):
@@ -66,6 +72,7 @@ MODES = ("joint", "reconstruction")
 WEIGHTINGS = ("kl", "simple", "min_snr")
 SEGMENT_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                             [245, 130, 48], [145, 30, 180], [70, 240, 240]], np.float32) / 255.0
+SAMPLE_KEYS = ("sampler", "num_steps", "eta", "timestep_spacing")
 MT_KEYS = ("modalities", "mode", "code_channels", "code_scale", "weights", "weights_end", "rec_weights",
            "code_weight", "num_classes", "embed_dim", "encoders")
 
@@ -232,6 +239,7 @@ class MTDiffusionExperiment(Experiment):
       raise ValueError(f"config.mt.weights (and weights_end) need one weight per modality ({N}: {self.kinds}); "
                        f"got {w0} and {w1 or '(none)'}.")
     self.weights = mt.linear_weights(w0, w1, T) if w1 else mt.constant_weights(w0, T)
+    self.sampler, self.num_steps, self.eta, self.timestep_spacing = self._sampler_config(c.get("sample"))
     rw = list(_get(mc, "rec_weights", [1.0] * N))
     if len(rw) != N:
       raise ValueError(f"config.mt.rec_weights needs one weight per modality ({N}: {self.kinds}), got {rw}.")
@@ -257,6 +265,30 @@ class MTDiffusionExperiment(Experiment):
     if _get(ec, "shapes_fd_path", ""):  # loads (and checks) the net's weights at start-up
       from diffusion_jax.eval.shapes_fd import ShapesFD
       self._shapes_fd = ShapesFD(str(ec.shapes_fd_path))
+
+  def _sampler_config(self, sc):
+    """config.sample -> (sampler, num_steps, eta, timestep_spacing), checked at start-up."""
+    from diffusion_jax.core.schedules import SPACINGS
+    sc = sc if sc is not None else ml_collections.ConfigDict()
+    unknown = sorted(set(sc.keys()) - set(SAMPLE_KEYS))
+    if unknown:
+      raise ValueError(f"config.sample has unknown keys {unknown} for experiment 'mt_diffusion'. Valid keys: "
+                       f"{', '.join(SAMPLE_KEYS)}.")
+    T = self.schedule.num_train_timesteps
+    sampler = check_choice("MT-Diffusion sampler (config.sample.sampler)", _get(sc, "sampler", "ancestral"),
+                           mt.MT_SAMPLERS)
+    n = int(_get(sc, "num_steps", 0) or 0)
+    if not 0 <= n <= T:
+      raise ValueError(f"config.sample.num_steps={n}: the strided sampler takes 1..T = 1..{T} steps (0 = T).")
+    if sampler == "ancestral" and n not in (0, T):
+      raise ValueError(f"config.sample.num_steps={n} with sampler 'ancestral', which always runs all T = {T} "
+                       "steps; set config.sample.sampler='ddim' for a strided sampler.")
+    eta = float(_get(sc, "eta", 0.0))
+    if not eta >= 0:
+      raise ValueError(f"config.sample.eta={eta} must be >= 0 (0 = deterministic DDIM, 1 = ancestral noise).")
+    spacing = check_choice("timestep spacing (config.sample.timestep_spacing)",
+                           _get(sc, "timestep_spacing", "linspace"), SPACINGS)
+    return sampler, (n or T), eta, spacing
 
   # ------------------------------------------------------------------ CLIP (embedding modality)
   def _check_clip_dim(self):
@@ -387,11 +419,12 @@ class MTDiffusionExperiment(Experiment):
 
   # ------------------------------------------------------------------ sampling
   def generate(self, params, frozen, rng, batch=None, known: Sequence[str] = (), num: Optional[int] = None,
-               return_codes: bool = False):
-    """Ancestral sampling (`core.mt_diffusion.mt_sample`, T steps) of every modality, with the modalities named
-    in `known` held fixed at their codes from `batch`. Returns kind -> values (host numpy): images in
-    [-1, 1], labels / segment ids (int), masked_image -> {masked_image, mask}, embeddings (and the final codes
-    `[N, B, H, W, C]` with `return_codes`)."""
+               return_codes: bool = False, num_steps: Optional[int] = None, eta: Optional[float] = None):
+    """Samples every modality with the configured sampler (`config.sample`: ancestral `mt_sample`, T steps, or
+    strided `mt_ddim_sample`), the modalities named in `known` held fixed at their codes from `batch`.
+    `num_steps` / `eta` override the config for this call (either one selects the strided sampler). Returns
+    kind -> values (host numpy): images in [-1, 1], labels / segment ids (int), masked_image ->
+    {masked_image, mask}, embeddings (and the final codes `[N, B, H, W, C]` with `return_codes`)."""
     known = tuple(known)
     for k in known:
       check_choice("known modality", k, self.kinds)
@@ -411,17 +444,25 @@ class MTDiffusionExperiment(Experiment):
       known_codes = jnp.zeros((N, num) + self.code_shape, jnp.float32)
     k_z, k_s = jax.random.split(rng)
     z_T = jax.random.normal(k_z, (num,) + self.code_shape, jnp.float32)
-    _, codes = mt.mt_sample(self.predictor(params), z_T, schedule=self.schedule, weights=self.weights, rng=k_s,
-                            known_codes=known_codes, known_mask=mask, variance_type=self.variance_type)
+    strided = self.sampler == "ddim" or num_steps is not None or eta is not None
+    if strided:
+      _, codes = mt.mt_ddim_sample(
+          self.predictor(params), z_T, schedule=self.schedule, weights=self.weights,
+          num_steps=int(self.num_steps if num_steps is None else num_steps),
+          eta=float(self.eta if eta is None else eta), timestep_spacing=self.timestep_spacing, rng=k_s,
+          known_codes=known_codes, known_mask=mask)
+    else:
+      _, codes = mt.mt_sample(self.predictor(params), z_T, schedule=self.schedule, weights=self.weights, rng=k_s,
+                              known_codes=known_codes, known_mask=mask, variance_type=self.variance_type)
     out = jax.tree.map(np.asarray, self._decode_jit(params, codes))
     return (out, np.asarray(codes)) if return_codes else out
 
-  def inpaint(self, params, frozen, rng, batch) -> np.ndarray:
+  def inpaint(self, params, frozen, rng, batch, **sampler) -> np.ndarray:
     """Images [-1, 1] filled in from the batch's masked image + mask: the joint model samples the image with the
     masked image held fixed; the reconstruction-only baseline predicts it in one pass."""
     if self.mode == "reconstruction":
       return np.clip(np.asarray(self._recon_jit(params, self._inputs(frozen, batch))), -1.0, 1.0)
-    return self.generate(params, frozen, rng, batch, known=("masked_image",))["image"]
+    return self.generate(params, frozen, rng, batch, known=("masked_image",), **sampler)["image"]
 
   def sample(self, params, frozen, batch, rng):
     from diffusion_jax.data import shapes as S

@@ -370,3 +370,94 @@ def test_weights_schedule_mismatch():
   with pytest.raises(ValueError, match="known_codes"):
     mt.mt_sample(_point_oracle(), jnp.zeros((2, 2)), schedule=SCHED, weights=WLIN, rng=jax.random.key(0),
                  known_mask=[True, False])
+
+
+# ----------------------------------------------------------------------------- strided (DDIM-style) sampling
+
+
+def test_strided_full_grid_with_eta_1_is_the_ancestral_path():
+  """num_steps = T, eta = 1: the same step noise gives the ancestral sampler's path (conditional, time-varying
+  weights, the known modality held fixed); a coarser grid gives another sample."""
+  B = 64
+  z_T = jax.random.normal(jax.random.key(20), (B, 2))
+  noise = jax.random.normal(jax.random.key(21), (T, B, 2))
+  known = np.zeros((2, B, 2), np.float32)
+  known[0] = COND_COMP[0, 0]
+  kw = dict(schedule=SCHED, weights=WCOND, known_codes=known, known_mask=[True, False])
+  z_a, c_a = mt.mt_sample(_cond_oracle, z_T, step_noise=noise, **kw)
+  z_d, c_d = mt.mt_ddim_sample(_cond_oracle, z_T, num_steps=T, eta=1.0, step_noise=noise, **kw)
+  np.testing.assert_allclose(np.asarray(z_d), np.asarray(z_a), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(c_d), np.asarray(c_a), atol=1e-4)
+  z_5, _ = mt.mt_ddim_sample(_cond_oracle, z_T, num_steps=5, eta=1.0, step_noise=noise[:5], **kw)
+  assert np.max(np.abs(np.asarray(z_5) - np.asarray(z_a))) > 1e-2
+  # eta = 0 is deterministic: no rng needed, the same result twice
+  z_0, _ = mt.mt_ddim_sample(_cond_oracle, z_T, num_steps=T, **kw)
+  assert np.max(np.abs(np.asarray(z_0) - np.asarray(z_a))) > 1e-2
+  np.testing.assert_array_equal(np.asarray(mt.mt_ddim_sample(_cond_oracle, z_T, num_steps=T, **kw)[0]),
+                                np.asarray(z_0))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_strided_one_modality_is_core_ddim(eta):
+  B, D, n = 8, 3, 10
+  z_T = jax.random.normal(jax.random.key(22), (B, D))
+  noise = jax.random.normal(jax.random.key(23), (n, B, D))
+  z0, codes = mt.mt_ddim_sample(_predict1, z_T, schedule=SCHED1, weights=W1, num_steps=n, eta=eta,
+                                timestep_spacing="trailing", step_noise=noise)
+  ref = core.ddim_sample(_ddpm_x0_fn, z_T, num_steps=n, schedule=SCHED1, prediction_type="sample", eta=eta,
+                         timestep_spacing="trailing", step_noise=noise)
+  np.testing.assert_allclose(np.asarray(z0), np.asarray(ref), rtol=1e-4, atol=1e-4)
+  assert codes.shape == (1, B, D)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+def test_strided_grid(spacing):
+  ts = mt.ddim_grid(SCHED, 5, spacing)
+  assert len(ts) == 5 and np.all(np.diff(ts) < 0) and ts.min() >= 1 and ts.max() <= T
+  if spacing != "leading":
+    assert ts[0] == T
+  if spacing != "trailing":
+    assert ts[-1] == 1  # the last codes are predicted at t = 1, as by the ancestral sampler
+  np.testing.assert_array_equal(mt.ddim_grid(SCHED, T, spacing), np.arange(T, 0, -1))
+
+
+def test_strided_sampler_with_exact_predictors():
+  """Few steps with the exact predictors: the point mass comes back, joint samples stay coherent (one component
+  for all modalities) with about the mixture's weights, and known codes stay fixed. (With 10 steps of this
+  steep schedule a sample or two may end between the components: 99 % must be on one.)"""
+  z_T = jax.random.normal(jax.random.key(24), (16, 2))
+  z0, codes = mt.mt_ddim_sample(_point_oracle(), z_T, schedule=SCHED, weights=WLIN, num_steps=4)
+  np.testing.assert_allclose(np.asarray(codes), np.broadcast_to(POINT, (2, 16, 2)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(z0), np.broadcast_to(POINT[0], (16, 2)), atol=1e-5)
+  B = 1500
+  z_T = jax.random.normal(jax.random.key(25), (B, 2))
+  z0, codes = mt.mt_ddim_sample(_mixture_oracle, z_T, schedule=SCHED, weights=WLIN, num_steps=10, eta=0.5,
+                                rng=jax.random.key(26))
+  codes = np.asarray(codes)
+  d = np.stack([np.abs(codes - COMP[k][:, None]).max(axis=(0, 2)) for k in range(2)])
+  assert np.mean(d.min(0) < 1e-3) > 0.99
+  frac_a = np.mean(d[0] < 1e-3)
+  assert abs(frac_a - PRIOR[0]) < 5 * np.sqrt(PRIOR[0] * PRIOR[1] / B) + 0.02, frac_a
+  np.testing.assert_allclose(np.asarray(z0), codes[0], atol=1e-5)
+  known = np.zeros((2, B, 2), np.float32)
+  known[0] = COND_COMP[0, 0]
+  _, codes = mt.mt_ddim_sample(_cond_oracle, z_T, schedule=SCHED, weights=WCOND, num_steps=10,
+                               known_codes=known, known_mask=[True, False])
+  codes = np.asarray(codes)
+  np.testing.assert_array_equal(codes[0], known[0])
+  d = np.stack([np.abs(codes[1] - COND_COMP[k, 1]).max(-1) for k in range(2)])
+  assert np.mean(d.min(0) < 1e-3) > 0.99
+  assert abs(np.mean(d[0] < 1e-3) - 0.5) < 5 * np.sqrt(0.25 / B) + 0.02
+
+
+def test_strided_sampler_validation():
+  z_T = jnp.zeros((2, 2))
+  with pytest.raises(ValueError, match="at most"):
+    mt.mt_ddim_sample(_point_oracle(), z_T, schedule=SCHED, weights=WLIN, num_steps=T + 1)
+  with pytest.raises(ValueError, match="step_noise"):
+    mt.mt_ddim_sample(_point_oracle(), z_T, schedule=SCHED, weights=WLIN, num_steps=4, eta=1.0,
+                      step_noise=jnp.zeros((T, 2, 2)))
+  with pytest.raises(ValueError, match="rng"):
+    mt.mt_ddim_sample(_point_oracle(), z_T, schedule=SCHED, weights=WLIN, num_steps=4, eta=1.0)
+  with pytest.raises(ValueError, match="eta"):
+    mt.mt_ddim_sample(_point_oracle(), z_T, schedule=SCHED, weights=WLIN, num_steps=4, eta=-0.5)

@@ -161,6 +161,38 @@ def test_reconstruction_baseline_loss_is_the_mse_of_its_inpainting():
     exp.generate(params, {}, jax.random.key(0), batch)
 
 
+def test_evaluate_uses_the_configured_strided_sampler(monkeypatch, tmp_path):
+  """config.sample.sampler="ddim": every sample evaluate() draws (joint, image given label, label given image)
+  comes from the strided sampler with config.sample.num_steps / eta, never from the T-step ancestral one;
+  generate(num_steps=...) overrides the step count for one call. (A stand-in records the calls and returns the
+  known codes, zeros elsewhere: no sampler is compiled here; tests/core/test_mt_diffusion.py tests the sampler.)"""
+  from diffusion_jax.core import mt_diffusion as core_mt
+  cfg = mt_diffusion_shapes.get_config("label,tiny")
+  cfg.sample.update(sampler="ddim", num_steps=3, eta=0.5)
+  exp = get_experiment(cfg)
+  batch, _ = next(exp.test_batches(8, 8))
+  params = jax.jit(exp.init)(jax.random.key(0), {k: jnp.asarray(v) for k, v in batch.items()}, {})
+  calls = []
+
+  def strided(predict_fn, z_T, **kw):
+    calls.append((kw["num_steps"], kw["eta"], kw["timestep_spacing"], tuple(np.asarray(kw["known_mask"]))))
+    mask = jnp.asarray(kw["known_mask"]).reshape((-1,) + (1,) * z_T.ndim)
+    return z_T, jnp.where(mask, kw["known_codes"], 0.0)
+
+  def ancestral(*a, **kw):
+    raise AssertionError("the ancestral sampler ran although config.sample.sampler='ddim'")
+
+  monkeypatch.setattr(core_mt, "mt_ddim_sample", strided)
+  monkeypatch.setattr(core_mt, "mt_sample", ancestral)
+  out = exp.evaluate(params, {}, jax.random.key(1), str(tmp_path))
+  assert 0.0 <= out["label_to_image_accuracy"] <= 1.0 and 0.0 <= out["image_to_label_accuracy"] <= 1.0
+  assert {c[:3] for c in calls} == {(3, 0.5, "linspace")}
+  assert sorted(c[3] for c in calls) == [(False, False), (False, True), (True, False)]
+  res = exp.generate(params, {}, jax.random.key(2), batch, num_steps=2, known=("image",))
+  assert calls[-1][:2] == (2, 0.5) and res["image"].shape == batch["image"].shape
+  np.testing.assert_allclose(res["image"], batch["image"], atol=1e-6)  # the known image, decoded
+
+
 VARIANTS = [f"{e}{m}" for e in mt_diffusion_shapes.EXPERIMENTS for m in ("", ",tiny", ",unet")]
 
 
@@ -188,6 +220,10 @@ def test_config_variants_construct_and_validate():
     (lambda c: c.mt.update(mode="reconstruction"), "needs the modalities"),
     (lambda c: c.diffusion.update(weighting="p2"), "weighting"),
     (lambda c: c.mt.encoders.update(label={"width": 3}), "config.mt.encoders.label"),
+    (lambda c: c.sample.update(sampler="ddim", num_steps=11), "1..T"),
+    (lambda c: c.sample.update(num_steps=5), "always runs all T"),
+    (lambda c: c.sample.update(sampler="dpm"), "sampler"),
+    (lambda c: c.sample.update(steps=3), "unknown keys"),
 ])
 def test_bad_configs_fail_at_start_up(edit, match):
   cfg = mt_diffusion_shapes.get_config("label,tiny")
