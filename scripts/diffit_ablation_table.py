@@ -136,9 +136,10 @@ def collect(root):
 
 def _ms(v, pct=False):
   v = np.asarray(v, np.float64) * (100 if pct else 1)
-  s = f"{v.mean():.1f}" if pct else f"{v.mean():.3g}"
+  fmt = ".1f" if pct or abs(v.mean()) < 100 else ".0f"
+  s = f"{v.mean():{fmt}}" if pct or fmt == ".0f" else f"{v.mean():.3g}"
   if len(v) > 1:
-    s += f" ± {v.std(ddof=1):.1f}" if pct else f" ± {v.std(ddof=1):.2g}"
+    s += f" ± {v.std(ddof=1):{fmt}}" if pct or fmt == ".0f" else f" ± {v.std(ddof=1):.2g}"
   return s + ("%" if pct else "")
 
 
@@ -160,6 +161,15 @@ def table(root) -> str:
       lines.append(f"| {MODELS[model][0]} | {g:g} | {','.join(map(str, r['seeds']))} (n={int(m['num_samples'][0])})"
                    f" | {_ms(m['shapes_fd'])} | {_ms(fl_m) if fl_m else '-'} | {_ms(m['class_accuracy'], True)}"
                    f" | {_ms(m['colour_accuracy'], True)} | {_ms(m['shape_accuracy'], True)} |")
+  lines += ["", "| model | seed | CFG scale | shapes FD | class acc | colour acc | shape acc |",
+            "|---|---|---|---|---|---|---|"]
+  for model, r in res.items():
+    for i, seed in enumerate(r["seeds"]):
+      for g in GUIDANCE:
+        m = r[g]
+        lines.append(f"| {MODELS[model][0]} | {seed} | {g:g} | {m['shapes_fd'][i]:.0f}"
+                     f" | {100 * m['class_accuracy'][i]:.1f}% | {100 * m['colour_accuracy'][i]:.1f}%"
+                     f" | {100 * m['shape_accuracy'][i]:.1f}% |")
   lines.append("")
   for g in GUIDANCE:  # does the FD order the runs as the parser does? (lower FD <-> higher accuracy)
     fd = [v for r in res.values() for v in r[g]["shapes_fd"]]

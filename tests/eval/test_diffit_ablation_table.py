@@ -56,7 +56,7 @@ def test_table_means_stds_floor_and_ranking(tmp_path):
   res = T.collect(root)
   assert sorted(res) == ["dit", "tmsa"] and res["tmsa"]["seeds"] == [0, 1]
   out = T.table(root)
-  rows = [ln for ln in out.splitlines() if ln.startswith("| DiffiT (TMSA")]
+  rows = [ln for ln in out.split("\n\n")[0].splitlines() if ln.startswith("| DiffiT (TMSA")]  # the summary table
   assert len(rows) == 2
   cells = [c.strip() for c in rows[0].split("|")[1:-1]]
   # mean +- sample std (ddof 1): FD 12 +- 2.8, floor 3 +- 1.4, class accuracy 11.0 +- 1.4 %
@@ -65,6 +65,8 @@ def test_table_means_stds_floor_and_ranking(tmp_path):
   assert "Spearman(shapes FD, -class_accuracy) over 4 runs = 1.00" in out
   assert "by mean FD ['tmsa', 'dit'], by mean class accuracy ['tmsa', 'dit']" in out
   assert "tmsa s1: train+eval 301.0 s" in out
+  assert "| DiffiT (TMSA, patch transformer) | 1 | 3 | 24 | 20.0% | 40.0% | 30.0% |" in out  # per-run rows
+  assert T._ms([1000.0, 1400.0]) == "1200 ± 283"
 
 
 def test_spearman_detects_a_reversed_order():
