@@ -15,7 +15,10 @@ Stages and steps (a finished stage is reused, a killed one resumes; `diffusion_j
   finished decoder run): adds end-to-end unCLIP images scored by the shapes parser
   (`scripts/eclipse_table.py` sets it).
 
-Variants (`configs/eclipse_prior.py:<arg>`): "" (default, ~10 min on a 2-core CPU), "tiny" (seconds, tests),
+Variants (`configs/eclipse_prior.py:<arg>`): "" (default, ~10 min on a 2-core CPU: the shapes world with
+nuisance, a CLIP with a modality gap, and the projection-only baseline as stage `projection`), "clean" (the
+earlier default: no nuisance, CLIP temperature from 1/0.07, no hard negatives, no baseline stage), "tiny"
+(seconds, tests),
 and objectives via `--config.prior.objective=eclipse|projection|diffusion`:
   * eclipse:    L_proj + lambda * L_CLS (Eq. 5), lambda = 0.2, single forward pass from Gaussian noise;
   * projection: lambda = 0 (the projection-only baseline of Table 2);
@@ -35,9 +38,31 @@ from configs import _base, clip_shapes
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or ""
-  if arg not in ("", "tiny"):
-    raise ValueError(f"Unknown eclipse_prior variant {arg!r}. Valid variants: '' (default), 'tiny'.")
-  tiny = arg == "tiny"
+  if arg not in ("", "tiny", "clean"):
+    raise ValueError(f"Unknown eclipse_prior variant {arg!r}. Valid variants: '' (default), 'tiny', 'clean'.")
+  c = _config(arg == "tiny", clean=arg == "clean")
+  return with_baseline(c, arg == "tiny") if arg == "" else c
+
+
+def with_baseline(c: ml_collections.ConfigDict, tiny: bool = False) -> ml_collections.ConfigDict:
+  """`c` with the projection-only baseline (lambda = 0) as stage "projection": the same CLIP (the stage is
+  shared), the same cache (the parent run's, unless `c` names one), architecture and steps; its scores are the
+  middle column of results.md. On in the default variant."""
+  base = _config(tiny)
+  base.prior.objective = "projection"
+  base.data.embedding_cache = c.data.embedding_cache or "{workdir}/../cache"
+  base.stages.clip = c.stages.clip
+  c.stages.projection = _base.stage(base, kind="diffusers_prior")
+  return c
+
+
+def without_baseline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`c` without the projection-baseline stage (scripts that train every objective themselves)."""
+  c.stages.projection = _base.stage(kind="diffusers_prior", optional=True)
+  return c
+
+
+def _config(tiny: bool, clean: bool = False) -> ml_collections.ConfigDict:
   c = _base.base_config()
   c.experiment = "eclipse_prior"
   c.seed = 0
@@ -55,15 +80,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.test_split = "test"
   c.data.image_key = "image"
   c.data.caption_key = "caption"
-  c.data.embedding_cache = ""             # default: <workdir>/cache
+  c.data.embedding_cache = ""             # default: <workdir>/cache; "{workdir}" is replaced by the run dir
   c.data.encode_batch_size = 64 if tiny else 250
   c.data.normalize = True           # L2-normalise the cached image / pooled text embeddings
   c.data.seed = 0                   # data stream (fixed across prior seeds so runs share one cache)
+  c.data.train_subset = 0           # > 0: train on the first N cached training pairs only (training-set curves)
+  # Shapes-world options (nuisance the captions do not describe); must match the CLIP stage's data.
+  c.data.shapes = ml_collections.ConfigDict(dict(clip_shapes.NUISANCE) if not (tiny or clean) else {})
 
   # The CLIP that defines the embedding spaces: stage "clip" (trained here, or a local HF CLIP dir as its path).
-  c.stages.clip = _base.stage(clip_shapes.get_config("tiny" if tiny else None), kind="hf_clip")
+  c.stages.clip = _base.stage(clip_shapes.get_config("tiny" if tiny else "clean" if clean else None), kind="hf_clip")
   # Optional unCLIP decoder for end-to-end scores: unset here; scripts/eclipse_table.py sets its config.
   c.stages.decoder = _base.stage(kind="unclip_decoder", optional=True)
+  # Optional projection-only baseline (set in the default variant by get_config).
+  c.stages.projection = _base.stage(kind="diffusers_prior", optional=True)
   c.clip = ml_collections.ConfigDict()
   c.clip.max_length = 0             # 0: the CLIP's own context length
 

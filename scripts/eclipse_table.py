@@ -86,10 +86,10 @@ def main(argv=None):
   objectives = [o for o in args.objectives.split(",") if o]
   shared = {"clip": args.clip_workdir or os.path.join(wd, "clip"), "cache": args.cache or os.path.join(wd, "cache")}
   if not args.clip_workdir:  # the shared CLIP: stage "clip" of the prior config, trained once in DIR/clip
-    stages.resolve(eclipse_prior.get_config(args.variant or None), wd)
+    stages.resolve(eclipse_prior.without_baseline(eclipse_prior.get_config(args.variant or None)), wd)
 
   def prior_config(obj: str, seed: int):
-    cfg = eclipse_prior.get_config(args.variant or None)
+    cfg = eclipse_prior.without_baseline(eclipse_prior.get_config(args.variant or None))
     cfg.stages.clip.path, cfg.data.embedding_cache = shared["clip"], shared["cache"]
     cfg.prior.objective = obj
     cfg.seed = seed

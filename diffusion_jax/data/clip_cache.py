@@ -63,12 +63,15 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 def scene_image(scene, cfg) -> np.ndarray:
   """Only the RGB image of a shapes scene (identical to `shapes.render(scene, cfg)["image"]`, ~10x cheaper)."""
   from diffusion_jax.data import shapes as S
-  inst = S.instance_map(scene, cfg.image_size)
-  image = np.empty((cfg.image_size, cfg.image_size, 3), np.uint8)
-  image[:] = np.asarray(cfg.background, np.uint8)
-  for k, o in enumerate(scene.objects):
-    image[inst == k + 1] = S.COLOURS[o.colour]
-  return image
+  return S.render_image(scene, cfg)
+
+
+def shapes_config(data_cfg):
+  """The `shapes.ShapesConfig` of a data config: `data.image_size` plus the world options in `data.shapes`
+  (e.g. the nuisance options `background_jitter`, `texture_noise`, `size_jitter`; empty: the default world)."""
+  from diffusion_jax.data import shapes as S
+  extra = dict(data_cfg.get("shapes", None) or {})
+  return S.ShapesConfig.from_dict(extra, image_size=int(data_cfg.get("image_size", 32)))
 
 
 class ShapesPairSource:
@@ -477,8 +480,7 @@ def pairs_from_config(data_cfg, split: str, *, seed: int, num: Optional[int], im
   or TFDS build fails before any encoding."""
   name = check_choice("caption data source (config.data.name)", data_cfg.name, SOURCES)
   if name == "shapes":
-    from diffusion_jax.data import shapes as S
-    cfg = S.ShapesConfig(image_size=int(data_cfg.get("image_size", 32)))
+    cfg = shapes_config(data_cfg)
     return shapes_pairs(int(num), seed, split, cfg, counterfactuals=counterfactuals)
   if not data_cfg.get("data_dir"):
     raise ValueError(f"config.data.name={name!r} needs config.data.data_dir (the folder holding the data).")
@@ -524,7 +526,9 @@ def cache_request(data_cfg, split: str, clip_dir: str, *, seed: int, num: Option
   with open(os.path.join(clip_dir, "config.json")) as f:
     cfg = json.load(f)
   ctx = int(cfg.get("text_config", cfg).get("max_position_embeddings", 77))
-  return {"source": str(data_cfg.name), "split": split, "seed": int(seed) if is_shapes else None,
+  world = dict(data_cfg.get("shapes", None) or {}) if is_shapes else {}
+  extra = {"shapes": {k: world[k] for k in sorted(world)}} if world else {}  # absent for the default world
+  return {**extra, "source": str(data_cfg.name), "split": split, "seed": int(seed) if is_shapes else None,
           "num": int(num) if num else None, "normalize": bool(normalize),
           "clip_dir": os.path.abspath(clip_dir), "clip_weights": weights_fingerprint(clip_dir),
           "max_length": int(max_length or ctx), "image_size": int(data_cfg.get("image_size", 32)),

@@ -20,6 +20,10 @@ from diffusion_jax.data import clip_cache
 
 def cache_root(config, workdir: Optional[str]) -> str:
   root = config.data.get("embedding_cache", "") or (os.path.join(workdir, "cache") if workdir else "")
+  if "{workdir}" in root:  # a stage sharing its parent's cache: "{workdir}/../cache"
+    if not workdir:
+      raise ValueError(f"config.data.embedding_cache={root!r} names the run directory, but there is none.")
+    root = os.path.normpath(root.replace("{workdir}", workdir))
   if not root:
     raise ValueError("No place for the CLIP embedding cache: set config.data.embedding_cache, or run through "
                      "`python -m diffusion_jax.main --workdir DIR` (the cache goes to DIR/cache).")

@@ -182,7 +182,11 @@ class EclipsePrior(Experiment):
     keys = clip_cache.EmbeddingSource.DEFAULT_KEYS
     if split != "train" and "image" in clip_cache.load_meta(cache_dir)["keys"]:
       keys = keys + ("image",)  # shown next to the decoded samples
-    return make_pipeline(clip_cache.EmbeddingSource(cache_dir, keys), (), batch_size=int(d.batch_size) // shard_count,
+    source = clip_cache.EmbeddingSource(cache_dir, keys)
+    subset = int(d.get("train_subset", 0) or 0)
+    if split == "train" and subset:
+      source = FirstN(source, subset)
+    return make_pipeline(source, (), batch_size=int(d.batch_size) // shard_count,
                          seed=seed, shuffle=split == "train", num_workers=int(d.get("num_workers", 0)),
                          prefetch=int(d.get("prefetch", 2)), shard_index=shard_index, shard_count=shard_count)
 
@@ -321,7 +325,18 @@ class EclipsePrior(Experiment):
     # Reference: the CLIP text embedding itself used as the image query (zero-shot CLIP retrieval).
     ref = retrieval.embedding_metrics(np.asarray(arrays["text_emb"][sl], np.float32), true, cfs, valid, ks)
     res.update({f"clip_text_{k}": v for k, v in ref.items()})
+    # The CLIP's geometry on these pairs (paired / unpaired text-image cosine, modality gap).
+    from diffusion_jax.experiments.clip_pretrain import modality_geometry
+    res.update({f"clip_{k}": v for k, v in modality_geometry(true, np.asarray(arrays["text_emb"][sl])).items()})
     res["num_examples"] = float(n)
+    if "projection" in self.stages:  # the projection-only baseline (stage "projection"), same CLIP and cache
+      import json
+      base_path = os.path.join(os.path.dirname(os.path.normpath(self.stage("projection"))), "eval_results.json")
+      base = {}
+      if os.path.exists(base_path):  # the stage's run directory holds its export and its evaluation
+        with open(base_path) as f:
+          base = json.load(f)
+      res.update({f"projection_{k}": float(base[k]) for k, _ in METRIC_ROWS if k in base})
     if "decoder" in self.stages:
       res.update(self._end_to_end(pred, arrays.get("objects"), rng, workdir))
     write_results(workdir, res, self._description())
@@ -345,6 +360,24 @@ class EclipsePrior(Experiment):
     return {f"e2e_{k}": float(v) for k, v in scores.items()}
 
 
+class FirstN:
+  """The first `n` examples of a random-access source (`config.data.train_subset`: smaller training sets
+  drawn from one cache)."""
+
+  def __init__(self, source, n: int):
+    if not 1 <= int(n) <= len(source):
+      raise ValueError(f"config.data.train_subset={n} must be in [1, {len(source)}] (the cached training pairs).")
+    self.source, self.n = source, int(n)
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int):
+    if not 0 <= int(index) < self.n:
+      raise IndexError(f"index {index} out of range [0, {self.n}).")
+    return self.source[int(index)]
+
+
 def _diffusion_denoise(exp: "EclipsePrior", params, x, t, cond):
   z_y, hid, mask = cond
   return exp.apply(params, x, z_y, hid, mask, t)
@@ -364,11 +397,15 @@ def write_results(workdir: str, res: Dict[str, float], desc: Dict[str, Any]) -> 
            f"{' (learned)' if desc.get('learn_tau') else ''}, prior {desc['layers']} layers x width "
            f"{desc['width']}, {desc['steps']} steps, {int(res.get('num_examples', 0))} held-out captions; "
            f"CLIP: {desc['clip']}", "",
-           "| metric | prior | CLIP text emb. as query |", "|---|---|---|"]
+           "| metric | prior | projection-only prior (lambda=0) | CLIP text emb. as query |", "|---|---|---|---|"]
   for key, name in METRIC_ROWS:
     if key in res:
-      ref = res.get(f"clip_text_{key}")
-      lines.append(f"| {name} | {res[key]:.4f} | {'' if ref is None else f'{ref:.4f}'} |")
+      cells = [res.get(f"projection_{key}"), res.get(f"clip_text_{key}")]
+      lines.append(f"| {name} | {res[key]:.4f} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in cells) + " |")
+  if "clip_paired_cos" in res:
+    lines += ["", "The CLIP's geometry on the held-out pairs (L2-normalised embeddings): paired text-image cosine "
+              f"{res['clip_paired_cos']:.3f}, unpaired {res['clip_unpaired_cos']:.3f}, modality gap (distance between "
+              f"the image and text centroids) {res['clip_gap']:.3f}."]
   text = "\n".join(lines) + "\n"
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)

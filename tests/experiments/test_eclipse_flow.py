@@ -205,3 +205,31 @@ def test_eclipse_evaluate_and_sample_compile_nothing_the_second_time(shared, com
     assert c.count == 0 and out["image_emb"].shape == (4, exp.embed_dim)
   finally:
     run.close()
+
+
+def test_curve_script_and_projection_baseline_stage(shared, tmp_path):
+  """scripts/eclipse_curve.py on the shared tiny CLIP and cache (two training-set sizes, both objectives); and
+  the projection baseline as stage "projection" (the demo's middle column), here on the tiny config."""
+  from scripts import eclipse_curve
+  root, cfg, _ = shared
+  wd = str(tmp_path / "curve")
+  text = eclipse_curve.main(["--workdir", wd, "--variant", "tiny", "--clip-workdir", os.path.join(root, "eclipse", "clip"),
+                             "--cache", os.path.join(root, "cache"), "--sizes", "16,64", "--seeds", "0",
+                             "--set", "train.num_steps=2"])
+  res = json.load(open(os.path.join(wd, "curve.json")))
+  assert set(res["runs"]) == {"16", "64"} and set(res["runs"]["16"]) == {"projection", "eclipse"}
+  assert res["runs"]["16"]["eclipse"]["0"]["step"] == 2
+  assert "ECLIPSE − Projection" in text and "*CLIP text embedding as the query*" in text
+  assert os.path.getsize(os.path.join(wd, "curve.png")) > 1000
+  # The baseline stage: trained in WORKDIR/projection on the parent's cache, reported in results.md.
+  bcfg = eclipse_prior.with_baseline(eclipse_prior.get_config("tiny"), tiny=True)
+  bcfg.stages.clip.path = bcfg.stages.projection.config.stages.clip.path = os.path.join(root, "eclipse", "clip")
+  assert bcfg.stages.projection.config.data.embedding_cache == "{workdir}/../cache"
+  bcfg.train.num_steps = bcfg.stages.projection.config.train.num_steps = 2
+  out = stages.run(bcfg, str(tmp_path / "with_base"))
+  assert stages.read_record(str(tmp_path / "with_base" / "projection"))["complete"]
+  # one cache, the parent's, built by the stage and reused by the parent
+  assert not os.path.exists(tmp_path / "with_base" / "projection" / "cache")
+  assert clip_cache.is_complete(str(tmp_path / "with_base" / "cache" / "train_64"))
+  assert 0.0 <= out["eval/projection_R@1"] <= 1.0 and 0.0 < out["eval/clip_paired_cos"] <= 1.0
+  assert "projection-only prior" in open(tmp_path / "with_base" / "results.md").read()

@@ -73,3 +73,66 @@ def test_clip_symmetric_loss(batch):
   t2i = -np.mean([logits[i, i] - np.log(np.exp(logits[:, i]).sum()) for i in range(len(a))])
   got = clip_pretrain.clip_symmetric_loss(jnp.asarray(img), jnp.asarray(txt), scale)
   np.testing.assert_allclose(got, 0.5 * (i2t + t2i), rtol=1e-5)
+
+
+def test_modality_geometry_on_constructed_embeddings():
+  from diffusion_jax.experiments.clip_pretrain import modality_geometry
+  rng = np.random.default_rng(0)
+  n, d = 200, 32
+  x = rng.normal(size=(n, d))
+  same = modality_geometry(x, x)
+  assert same["paired_cos"] == pytest.approx(1.0) and same["gap"] == pytest.approx(0.0, abs=1e-9)
+  # Two modalities in orthogonal halves of the space: paired = unpaired = 0, the centroids far apart.
+  a = np.zeros((n, d)); a[:, 0] = 1.0; a[:, 1:16] = 0.1 * rng.normal(size=(n, 15))
+  b = np.zeros((n, d)); b[:, 16] = 1.0; b[:, 17:] = 0.1 * rng.normal(size=(n, 15))
+  g = modality_geometry(a, b)
+  assert abs(g["paired_cos"]) < 1e-9 and abs(g["unpaired_cos"]) < 1e-9 and g["centroid_cos"] == pytest.approx(0.0)
+  assert 1.2 < g["gap"] < np.sqrt(2) and g["image_image_cos"] > 0.8 and g["text_text_cos"] > 0.8
+  # A shared content part plus a modality offset: paired cosine above unpaired.
+  c = rng.normal(size=(n, d))
+  off = np.zeros(d); off[0] = 3.0
+  h = modality_geometry(c + off, c - off)
+  assert h["paired_cos"] > h["unpaired_cos"] and h["gap"] > 0.5
+  with pytest.raises(ValueError):
+    modality_geometry(x[:1], x[:1])
+
+
+def test_first_n_subset():
+  from diffusion_jax.experiments.eclipse import FirstN
+  src = list(range(10))
+  sub = FirstN(src, 4)
+  assert len(sub) == 4 and [sub[i] for i in range(4)] == [0, 1, 2, 3]
+  with pytest.raises(IndexError):
+    sub[4]
+  with pytest.raises(ValueError, match="train_subset"):
+    FirstN(src, 11)
+
+
+def test_clip_loss_hard_negatives():
+  """Hard negatives enter caption i's text->image softmax only; masked slots change nothing."""
+  rng = np.random.default_rng(1)
+  x, y, h = rng.normal(size=(4, 8)), rng.normal(size=(4, 8)), rng.normal(size=(4, 2, 8))
+  plain = float(clip_pretrain.clip_symmetric_loss(x, y, 10.0))
+  assert float(clip_pretrain.clip_symmetric_loss(x, y, 10.0, h, np.zeros((4, 2)))) == pytest.approx(plain, rel=1e-6)
+  un = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+  lg = 10.0 * un(x) @ un(y).T
+  extra = 10.0 * np.einsum("bd,bkd->bk", un(y), un(h))
+  t2i = np.concatenate([lg.T, extra], 1)
+  lse = lambda a: np.log(np.exp(a).sum(1))  # noqa: E731
+  want = 0.5 * (np.mean(lse(lg) - np.diag(lg)) + np.mean(lse(t2i) - np.diag(lg)))
+  got = float(clip_pretrain.clip_symmetric_loss(x, y, 10.0, h, np.ones((4, 2))))
+  assert got == pytest.approx(want, rel=1e-5) and got > plain
+
+
+def test_clip_transform_hard_negative_images():
+  from diffusion_jax.data import clip_cache, shapes as S
+  cfg = S.ShapesConfig(min_objects=2, background_jitter=96, texture_noise=24.0)
+  src = clip_cache.ShapesPairSource(4, 0, cfg)
+  tr = clip_pretrain.TokenizeAndNormalize(24, cfg, ("colour", "position"))
+  ex = src[0]
+  out = tr(ex)
+  assert out["hard_pixels"].shape == (2,) + out["pixels"].shape and np.all(out["hard_valid"] == 1)
+  sc = src.scene(0)
+  want = clip_cache.preprocess_images(clip_cache.scene_image(S.swap_positions(sc), cfg)[None], 32)[0]
+  np.testing.assert_allclose(out["hard_pixels"][1], want)
+  assert "hard_pixels" not in clip_pretrain.TokenizeAndNormalize(24, cfg)(ex)
