@@ -235,7 +235,9 @@ def main_cmd(workdir, *overrides, mode="train"):
 def subprocess_env(num_devices=4):
   import os
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  import re
+  other = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).split()
+  env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={num_devices}"] + other)
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
