@@ -15,7 +15,7 @@ Stages and steps (a finished stage is reused, a killed one resumes; `diffusion_j
   finished decoder run): adds end-to-end unCLIP images scored by the shapes parser
   (`scripts/eclipse_table.py` sets it).
 
-Variants (`configs/eclipse_prior.py:<arg>`): "" (default, ~10 min on a 2-core CPU: the shapes world with
+Variants (`configs/eclipse_prior.py:<arg>`): "" (default; about 20 min measured in parts on a loaded 2-core CPU, docs/eclipse.md; the shapes world with
 nuisance, a CLIP with a modality gap, and the projection-only baseline as stage `projection`), "clean" (the
 earlier default: no nuisance, CLIP temperature from 1/0.07, no hard negatives, no baseline stage), "tiny"
 (seconds, tests),
