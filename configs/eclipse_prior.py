@@ -15,10 +15,10 @@ Stages and steps (a finished stage is reused, a killed one resumes; `diffusion_j
   finished decoder run): adds end-to-end unCLIP images scored by the shapes parser
   (`scripts/eclipse_table.py` sets it).
 
-Variants (`configs/eclipse_prior.py:<arg>`): "" (default; about 20 min measured in parts on a loaded 2-core CPU, docs/eclipse.md; the shapes world with
-nuisance, a CLIP with a modality gap, and the projection-only baseline as stage `projection`), "clean" (the
-earlier default: no nuisance, CLIP temperature from 1/0.07, no hard negatives, no baseline stage), "tiny"
-(seconds, tests),
+Variants (`configs/eclipse_prior.py:<arg>`): "" (default, the main job behind `make demo`: the CLIP without
+nuisance, temperature from 1/0.07, and the projection-only baseline as stage `projection`), "gap" (the shapes
+world with nuisance, a CLIP with a modality gap, and the projection baseline; about 20 min measured in parts on
+a loaded 2-core CPU, docs/eclipse.md), "clean" (the default without the baseline stage), "tiny" (seconds, tests),
 and objectives via `--config.prior.objective=eclipse|projection|diffusion`:
   * eclipse:    L_proj + lambda * L_CLS (Eq. 5), lambda = 0.2, single forward pass from Gaussian noise;
   * projection: lambda = 0 (the projection-only baseline of Table 2);
@@ -38,17 +38,18 @@ from configs import _base, clip_shapes
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = arg or ""
-  if arg not in ("", "tiny", "clean"):
-    raise ValueError(f"Unknown eclipse_prior variant {arg!r}. Valid variants: '' (default), 'tiny', 'clean'.")
-  c = _config(arg == "tiny", clean=arg == "clean")
-  return with_baseline(c, arg == "tiny") if arg == "" else c
+  if arg not in ("", "tiny", "clean", "gap"):
+    raise ValueError(f"Unknown eclipse_prior variant {arg!r}. Valid variants: '' (default), 'gap', 'clean', 'tiny'.")
+  c = _config(arg == "tiny", clean=arg in ("", "clean"))
+  return with_baseline(c, arg == "tiny") if arg in ("", "gap") else c
 
 
 def with_baseline(c: ml_collections.ConfigDict, tiny: bool = False) -> ml_collections.ConfigDict:
   """`c` with the projection-only baseline (lambda = 0) as stage "projection": the same CLIP (the stage is
-  shared), the same cache (the parent run's, unless `c` names one), architecture and steps; its scores are the
-  middle column of results.md. On in the default variant."""
+  shared), the same cache (the parent run's, unless `c` names one), shapes options, architecture and steps; its
+  scores are the middle column of results.md. On in the default and `gap` variants."""
   base = _config(tiny)
+  base.data.shapes = ml_collections.ConfigDict(c.data.shapes.to_dict())
   base.prior.objective = "projection"
   base.data.embedding_cache = c.data.embedding_cache or "{workdir}/../cache"
   base.stages.clip = c.stages.clip

@@ -1,7 +1,7 @@
 """ECLIPSE vs the projection-only prior vs the CLIP text embedding, over training-set sizes (shapes world).
 
     python scripts/eclipse_curve.py --workdir runs/eclipse_curve [--sizes 1000,3000,10000,20000] [--seeds 0,1]
-        [--objectives projection,eclipse] [--variant tiny] [--clip-workdir DIR --cache DIR] [--set key=value ...]
+        [--objectives projection,eclipse] [--variant gap|clean|tiny] [--clip-workdir DIR --cache DIR] [--set key=value ...]
         [--plot docs/images/eclipse_curve.png]
 
 One shapes CLIP (stage `clip` of `configs/eclipse_prior.py`, trained once in DIR/clip unless `--clip-workdir`
@@ -113,7 +113,7 @@ def main(argv=None):
   ap.add_argument("--sizes", default="1000,3000,10000,20000")
   ap.add_argument("--seeds", default="0,1")
   ap.add_argument("--objectives", default="projection,eclipse")
-  ap.add_argument("--variant", default="", help="config variant of eclipse_prior ('' or tiny)")
+  ap.add_argument("--variant", default="gap", help="config variant of eclipse_prior (gap, the CLIP with a modality gap; or tiny, clean)")
   ap.add_argument("--clip-workdir", default="", help="a finished shapes-CLIP stage dir to share (default DIR/clip)")
   ap.add_argument("--cache", default="", help="an embedding cache root to share (default DIR/cache)")
   ap.add_argument("--set", nargs="*", default=[], help="overrides of the prior config, key=value")

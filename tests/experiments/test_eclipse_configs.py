@@ -72,3 +72,17 @@ def test_variants_and_bad_names():
   cfg.prior.objective = "flow"
   with pytest.raises(ValueError, match="eclipse, projection, diffusion"):
     eclipse.EclipsePrior(cfg)
+
+
+def test_main_job_variants():
+  """The main job (default) keeps the quick CLIP (no nuisance) and adds the projection baseline; `gap` is the
+  CLIP with a modality gap on nuisance images, its baseline on the same shapes options; `clean` has no
+  baseline stage."""
+  default, gap, clean = (eclipse_prior.get_config(v) for v in ("", "gap", "clean"))
+  assert not default.data.shapes.to_dict() and default.stages.projection.config is not None
+  assert default.stages.clip.config.to_dict() == clean.stages.clip.config.to_dict()
+  assert gap.data.shapes.to_dict() and gap.stages.clip.config.to_dict() != default.stages.clip.config.to_dict()
+  for c in (default, gap):
+    assert c.stages.projection.config.prior.objective == "projection"
+    assert c.stages.projection.config.data.shapes.to_dict() == c.data.shapes.to_dict()
+  assert not clean.stages.projection.config.to_dict() and clean.stages.projection.optional

@@ -208,16 +208,16 @@ def test_eclipse_evaluate_and_sample_compile_nothing_the_second_time(shared, com
 
 
 def test_curve_script_and_projection_baseline_stage(shared, tmp_path):
-  """scripts/eclipse_curve.py on the shared tiny CLIP and cache (two training-set sizes, both objectives); and
+  """scripts/eclipse_curve.py on the shared tiny CLIP and cache (one training-set size, both objectives); and
   the projection baseline as stage "projection" (the demo's middle column), here on the tiny config."""
   from scripts import eclipse_curve
   root, cfg, _ = shared
   wd = str(tmp_path / "curve")
   text = eclipse_curve.main(["--workdir", wd, "--variant", "tiny", "--clip-workdir", os.path.join(root, "eclipse", "clip"),
-                             "--cache", os.path.join(root, "cache"), "--sizes", "32,64", "--seeds", "0",
+                             "--cache", os.path.join(root, "cache"), "--sizes", "32", "--seeds", "0",
                              "--set", "train.num_steps=2"])
   res = json.load(open(os.path.join(wd, "curve.json")))
-  assert set(res["runs"]) == {"32", "64"} and set(res["runs"]["32"]) == {"projection", "eclipse"}
+  assert set(res["runs"]) == {"32"} and set(res["runs"]["32"]) == {"projection", "eclipse"}
   assert res["runs"]["32"]["eclipse"]["0"]["step"] == 2
   assert "ECLIPSE − Projection" in text and "*CLIP text embedding as the query*" in text
   assert os.path.getsize(os.path.join(wd, "curve.png")) > 1000
