@@ -84,3 +84,63 @@ def compiles():
   if _COUNTER is None:
     _COUNTER = CompileCounter()
   return _COUNTER
+
+
+# ------------------------------------------------------------------ one tiny text-to-image base per test session
+# The tiny sd_shapes pipeline (CLIP stage + UNet, ~90 s of CPU) is the `pipeline` stage of the CoDi and Prompt
+# Diffusion tiny configs and their notebooks, and the run of tests/experiments/test_text_to_image.py. It is trained
+# once per session, through the real stage runner, into a directory shared by the xdist workers (a file lock makes
+# the second worker wait for the first); each user gets its own copy, so no test can change another's files.
+
+SD_SHAPES_TINY_STAGE = "pipeline"
+
+
+def _session_shared_dir(tmp_path_factory) -> str:
+  """A directory shared by every xdist worker of this run (and by nothing else)."""
+  base = tmp_path_factory.getbasetemp()
+  uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  root = os.path.join(str(base.parent), f"shared-{uid}") if uid else os.path.join(str(base), "shared")
+  os.makedirs(root, exist_ok=True)
+  return root
+
+
+def _sd_shapes_tiny_stage_config():
+  import ml_collections
+  from configs import _base, sd_shapes
+  config = ml_collections.ConfigDict()
+  config.stages = ml_collections.ConfigDict()
+  config.stages[SD_SHAPES_TINY_STAGE] = _base.stage(sd_shapes.get_config("tiny"), kind="sd_pipeline")
+  return config
+
+
+class SharedStage:
+  """A finished stage directory trained once per session: `.dir` (read only: other tests use it too), and
+  `.copy_to(workdir)`, which copies it to WORKDIR/<name> where the stage runner reuses it (same fingerprint)."""
+
+  def __init__(self, stage_dir: str, name: str):
+    self.dir, self.name = stage_dir, name
+
+  def copy_to(self, workdir: str) -> str:
+    import shutil
+    dest = os.path.join(workdir, self.name)
+    shutil.copytree(self.dir, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def sd_shapes_tiny_stage(tmp_path_factory) -> SharedStage:
+  """A finished `pipeline` stage of configs/sd_shapes.py:tiny (trained by stages.resolve): stage.json, the clip/
+  sub-stage, cache/, checkpoints/ and export/."""
+  import sys
+  import filelock
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if repo not in sys.path:
+    sys.path.insert(0, repo)
+  from diffusion_jax import stages
+  root = _session_shared_dir(tmp_path_factory)
+  stage_dir = os.path.join(root, SD_SHAPES_TINY_STAGE)
+  with filelock.FileLock(os.path.join(root, "sd_shapes_tiny.lock")):
+    record = stages.read_record(stage_dir)
+    if not (record and record.get("complete")):
+      stages.resolve(_sd_shapes_tiny_stage_config(), root)
+  return SharedStage(stage_dir, SD_SHAPES_TINY_STAGE)

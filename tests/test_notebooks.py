@@ -82,9 +82,11 @@ def time_limit(nb) -> float:
   return float(nb.metadata.get("diffusion_jax", {}).get("test_time_limit_s", TIME_LIMIT_S))
 
 
-def run_notebook(path: str, kernel_dirs: str, cwd: str = REPO, time_limit_s: Optional[float] = None) -> float:
-  """Executes `path` cell by cell; returns the wall time. Raises nbclient's CellExecutionError (whose message
-  holds the failing cell's source and traceback) or pytest.fail on the time limit."""
+def run_notebook(path: str, kernel_dirs: str, cwd: str = REPO, time_limit_s: Optional[float] = None,
+                 env: Optional[dict] = None):
+  """Executes `path` cell by cell; returns (wall time, the executed notebook). `env`: extra kernel environment
+  variables. Raises nbclient's CellExecutionError (whose message holds the failing cell's source and traceback)
+  or pytest.fail on the time limit."""
   from jupyter_client.kernelspec import KernelSpecManager
   from jupyter_client.manager import AsyncKernelManager
 
@@ -100,7 +102,7 @@ def run_notebook(path: str, kernel_dirs: str, cwd: str = REPO, time_limit_s: Opt
       resources={"metadata": {"path": cwd}})
   start = time.monotonic()
   try:
-    with client.setup_kernel(env=_kernel_env(), cwd=cwd):
+    with client.setup_kernel(env={**_kernel_env(), **(env or {})}, cwd=cwd):
       for index, cell in enumerate(nb.cells):
         left = time_limit_s - (time.monotonic() - start)
         if left <= 0:
@@ -118,7 +120,7 @@ def run_notebook(path: str, kernel_dirs: str, cwd: str = REPO, time_limit_s: Opt
       nbformat.write(nb, os.path.join(os.environ["NOTEBOOK_EXECUTED_DIR"], os.path.basename(path)))
   seconds = time.monotonic() - start
   print(f"{os.path.basename(path)}: {seconds:.1f} s wall, {cpu:.1f} s kernel CPU, load {_load()}")
-  return seconds
+  return seconds, nb
 
 
 def _kernel_cpu_seconds(km) -> float:
@@ -164,14 +166,42 @@ def test_notebook_structure(path):
           f"{name}: cell {i} has outputs; strip them before committing (see docs/notebooks.md)")
 
 
+# Finished stages a notebook may start from under the suite ({"diffusion_jax": {"test_stages": [...]}} in its
+# metadata): name -> the session fixture of tests/conftest.py that trains it once for the whole suite. The
+# notebook gets a fresh work dir holding a copy (DIFFUSION_JAX_NOTEBOOK_WORKDIR), so it trains only what is its
+# own; on Colab it trains everything.
+TEST_STAGES = {"sd_shapes_tiny": "sd_shapes_tiny_stage"}
+WORKDIR_ENV = "DIFFUSION_JAX_NOTEBOOK_WORKDIR"
+REUSED = "reusing the finished run"  # what the stage runner prints when it reuses a stage
+
+
+def _outputs_text(nb) -> str:
+  return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_runs(path, kernel_dirs):
+def test_notebook_runs(path, kernel_dirs, request, tmp_path):
+  wanted = nbformat.read(path, as_version=4).metadata.get("diffusion_jax", {}).get("test_stages", [])
+  env = {}
+  if wanted:
+    unknown = sorted(set(wanted) - set(TEST_STAGES))
+    assert not unknown, f"{os.path.basename(path)}: unknown test_stages {unknown}; known: {sorted(TEST_STAGES)}"
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    for name in wanted:
+      request.getfixturevalue(TEST_STAGES[name]).copy_to(str(workdir))
+    env[WORKDIR_ENV] = str(workdir)
   try:
-    run_notebook(path, kernel_dirs)
+    _, nb = run_notebook(path, kernel_dirs, env=env)
   except nbclient.exceptions.CellExecutionError as err:
     message = f"{os.path.basename(path)} failed:\n{err}"
   else:
     message = None
+    if wanted:  # the copied stages were reused, not trained again (a changed config would retrain silently)
+      assert _outputs_text(nb).count(REUSED) >= len(wanted), (
+          f"{os.path.basename(path)}: the stage runner did not reuse the given stages {wanted}; does the notebook "
+          f"read {WORKDIR_ENV}, and is its stage config the suite's?")
   if message:
     pytest.fail(message, pytrace=False)
 

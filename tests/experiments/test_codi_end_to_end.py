@@ -1,4 +1,5 @@
-"""CoDi end to end through the stages on the shapes world: the tiny sd_shapes base trained as stage `pipeline`,
+"""CoDi end to end through the stages on the shapes world: the tiny sd_shapes base (trained once per session,
+tests/conftest.py) reused as stage `pipeline`,
 then CoDi (and PE-CoDi as a plain diffusion baseline) trained, evaluated, exported and sampled (`--mode sample`:
 condition | output | ground truth)."""
 
@@ -34,8 +35,11 @@ def _shapes_net(path, image_size=16):
 
 
 @pytest.fixture(scope="module")
-def codi_run(tmp_path_factory):
+def codi_run(tmp_path_factory, sd_shapes_tiny_stage):
+  """The tiny base is the session's (tests/conftest.py), copied into the work dir, where the stage runner reuses
+  it (its record asserted below); CoDi trains on it."""
   wd = str(tmp_path_factory.mktemp("codi_shapes"))
+  sd_shapes_tiny_stage.copy_to(wd)
   cfg = codi_shapes.get_config("tiny,inpaint")
   cfg.eval.shapes_fd_path = _shapes_net(os.path.join(wd, "net16.safetensors"))
   return wd, cfg, stages.run(cfg, wd)

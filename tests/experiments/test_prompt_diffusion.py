@@ -127,8 +127,9 @@ def test_cfg_dropout_rates():
 
 
 @pytest.fixture(scope="module")
-def pd_run(tmp_path_factory):
+def pd_run(tmp_path_factory, sd_shapes_tiny_stage):
   wd = str(tmp_path_factory.mktemp("pd_shapes"))
+  sd_shapes_tiny_stage.copy_to(wd)  # the session's tiny base (tests/conftest.py), reused as stage `pipeline`
   cfg = prompt_diffusion_shapes.get_config("tiny")
   return wd, cfg, stages.run(cfg, wd)
 

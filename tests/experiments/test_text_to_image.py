@@ -27,10 +27,18 @@ PARSER_KEYS = ("class_accuracy", "binding", "shape_recall", "colour_recall", "co
 
 
 @pytest.fixture(scope="module")
-def shapes_run(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("sd_shapes"))
+def shapes_run(tmp_path_factory, sd_shapes_tiny_stage):
+  """configs/sd_shapes.py:tiny, trained once per test session by the stage runner (tests/conftest.py: the same
+  run is the `pipeline` stage of the CoDi and Prompt Diffusion tests), copied here: (run dir, config, result),
+  the result read back from what the run wrote (its stage record, last logged loss and export)."""
+  wd = sd_shapes_tiny_stage.copy_to(str(tmp_path_factory.mktemp("sd_shapes")))
   cfg = sd_shapes.get_config("tiny")
-  out = stages.run(cfg, wd)
+  rec = stages.read_record(wd)
+  assert rec["complete"] and rec["fingerprint"] == stages.config_fingerprint(cfg)[0]
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f if line.strip()]
+  out = {"step": rec["step"], "loss": [m for m in logged if "loss" in m][-1]["loss"],
+         "export": os.path.join(wd, rec["export"]), **{f"eval/{k}": v for k, v in rec["eval"].items()}}
   return wd, cfg, out
 
 
