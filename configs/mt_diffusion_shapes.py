@@ -137,5 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # eta 1 with num_steps = T = the ancestral path), e.g. --config.sample.sampler=ddim --config.sample.num_steps=25.
   c.sample = ml_collections.ConfigDict(dict(sampler="ancestral", num_steps=0, eta=0.0, timestep_spacing="linspace"))
   c.eval = ml_collections.ConfigDict(dict(num_samples=8 if tiny else 256, batch_size=8 if tiny else 128,
-                                          shapes_fd_path="", pr_k=3))
+                                          shapes_fd_path="", pr_k=3,
+                                          # False: joint metrics only (skips the one-modality-given sampling)
+                                          conditional=True))
   return c

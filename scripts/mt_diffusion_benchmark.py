@@ -6,7 +6,8 @@ size (one modality each, the same backbone, code space and batch): is one shared
 Each model is an `mt_diffusion` experiment built from `configs/mt_diffusion_shapes.py` (`--variant` picks the
 backbone: "" = DiffiT, "unet" = the SD UNet port, "tiny" = the tiny DiffiT); a step is the jitted loss, gradient
 and Adam update on one fixed batch (data loading excluded). Reported: the median of `--steps` timed steps after
-two warm-up steps (compile excluded), for each model, and the sum over the single-task models. The machine load
+two warm-up steps (compile excluded), wall and CPU time (`time.process_time`: user + sys of all threads, the
+better figure on a shared machine), for each model, and the sum over the single-task models. The machine load
 (`os.getloadavg`) is printed next to the figures; time on a quiet machine.
 """
 
@@ -50,14 +51,15 @@ def step_time(kinds, variant: str, batch: int, steps: int):
     upd, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, upd), opt, loss
 
-  times = []
+  times, cpus = [], []
   for i in range(steps + 2):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     params, opt, loss = step(params, opt, jax.random.key(i))
     jax.block_until_ready(loss)
     if i >= 2:
       times.append(time.perf_counter() - t0)
-  return float(np.median(times)), nparams
+      cpus.append(time.process_time() - c0)
+  return float(np.median(times)), float(np.median(cpus)), nparams
 
 
 def main(argv=None):
@@ -71,18 +73,19 @@ def main(argv=None):
   import jax
   print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; load before: "
         f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-  shared, p_shared = step_time(kinds, args.variant, args.batch, args.steps)
-  rows = [("shared: " + "+".join(kinds), shared, p_shared)]
-  total = 0.0
+  shared, shared_cpu, p_shared = step_time(kinds, args.variant, args.batch, args.steps)
+  rows = [("shared: " + "+".join(kinds), shared, shared_cpu, p_shared)]
+  total = total_cpu = 0.0
   for k in kinds:
-    t, p = step_time([k], args.variant, args.batch, args.steps)
-    total += t
-    rows.append((f"single-task: {k}", t, p))
-  rows.append((f"{len(kinds)} single-task models (sum)", total, sum(r[2] for r in rows[1:])))
-  print(f"| model | params | ms / step (batch {args.batch}) |\n|---|---|---|")
-  for name, t, p in rows:
-    print(f"| {name} | {p:,} | {1000 * t:.1f} |")
-  print(f"shared / sum of single-task: {shared / total:.2f}; load after: "
+    t, c, p = step_time([k], args.variant, args.batch, args.steps)
+    total, total_cpu = total + t, total_cpu + c
+    rows.append((f"single-task: {k}", t, c, p))
+  rows.append((f"{len(kinds)} single-task models (sum)", total, total_cpu, sum(r[3] for r in rows[1:])))
+  print(f"| model | params | wall ms / step (batch {args.batch}) | CPU ms / step (user + sys, all threads) |\n"
+        "|---|---|---|---|")
+  for name, t, c, p in rows:
+    print(f"| {name} | {p:,} | {1000 * t:.1f} | {1000 * c:.1f} |")
+  print(f"shared / sum of single-task: wall {shared / total:.2f}, CPU {shared_cpu / total_cpu:.2f}; load after: "
         f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

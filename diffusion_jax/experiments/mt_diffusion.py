@@ -37,7 +37,9 @@ masked image (inpainting) / embedding). `evaluate()` (host side, the sampler com
 
 * every run with an image: precision / recall (Kynkaenniemi et al.) of jointly generated images against test
   images on ShapesNet features (`config.eval.shapes_fd_path`, `eval/shapes_fd.py`) or, when no weights are
-  given, on the fixed random conv features of `experiments/generation.py` (`pr_features` says which);
+  given, on the fixed random conv features of `experiments/generation.py` (`pr_features` says which); with
+  ShapesNet weights also `shapes_fd`, the Frechet distance of those features (generated vs the same test images,
+  `shapes_fd_net_sha256` names the weights: distances compare only under one weights file);
 * label: `label_image_agreement` (the parser's class of the generated image equals the generated label), and
   `label_to_image_accuracy` / `image_to_label_accuracy` (one modality given);
 * segmentation: `seg_image_iou` (the parser's segmentation of the generated image against the generated mask,
@@ -47,6 +49,8 @@ masked image (inpainting) / embedding). `evaluate()` (host side, the sampler com
 * embedding: `emb_image_cosine` (cosine between the generated embedding and the CLIP embedding of the
   generated image), its chance level `emb_image_cosine_shuffled` (against another sample's image), and
   `emb_to_image_cosine` (image generated from a test embedding).
+  `config.eval.conditional=False` skips the one-modality-given metrics (`*_to_*`: a sampling pass each) and keeps
+  the joint ones (and inpainting), for short budgets.
 """
 
 from __future__ import annotations
@@ -539,26 +543,33 @@ class MTDiffusionExperiment(Experiment):
       fake, name = self._features(joint["image"])
       ref, _ = self._features(real["image"])
       out.update(precision_recall(ref, fake, k=int(_get(ec, "pr_k", 3))))
+      if name == "shapes_fd":  # the shapes FD of the joint samples against the same test images (same features)
+        from diffusion_jax.experiments.generation import feature_statistics, frechet_distance
+        out["shapes_fd"] = float(frechet_distance(*feature_statistics(fake), *feature_statistics(ref)))
+        out["shapes_fd_net_sha256"] = self._shapes_fd.sha256
       out["pr_features"] = name if name == "shapes_fd" else (
           "random_conv (no ShapesNet weights given: set config.eval.shapes_fd_path for shapes-FD features)")
     img = "image" in self.kinds
+    cond = bool(_get(ec, "conditional", True))  # False: joint metrics only (no one-modality-given sampling)
     if shapes and img:
       from diffusion_jax.eval import shapes_parser as P
       cfg = self._parse_cfg()
       if "label" in self.kinds:
         parsed = P.parse_batch(joint["image"], cfg=cfg, value_range="-1,1")
         out["label_image_agreement"] = P.class_accuracy_parsed(parsed, joint["label"])
+      if "label" in self.kinds and cond:
         g = given("label", 1000)
         out["label_to_image_accuracy"] = P.class_accuracy(g["image"], real["label"], cfg, "-1,1")
         g = given("image", 2000)
         out["image_to_label_accuracy"] = float(np.mean(g["label"] == real["label"]))
       if "segmentation" in self.kinds:
         out["seg_image_iou"] = P.map_consistency(joint["image"], joint["segmentation"], "segmentation", cfg, "-1,1")
+      if "segmentation" in self.kinds and cond:
         g = given("segmentation", 3000)
         out["seg_to_image_iou"] = P.map_consistency(g["image"], real["segmentation"], "segmentation", cfg, "-1,1")
         g = given("image", 4000)
         out["image_to_seg_iou"] = segmentation_iou(g["segmentation"], real["segmentation"])
-    elif "label" in self.kinds and img:
+    elif "label" in self.kinds and img and cond:
       g = given("image", 2000)
       out["image_to_label_accuracy"] = float(np.mean(g["label"] == real["label"]))
     if "embedding" in self.kinds and img:
@@ -567,6 +578,7 @@ class MTDiffusionExperiment(Experiment):
       out["emb_image_cosine"] = float(np.mean(np.asarray(cosine(joint["embedding"], e_img))))
       out["emb_image_cosine_shuffled"] = float(np.mean(np.asarray(cosine(joint["embedding"],
                                                                          np.roll(e_img, 1, axis=0)))))
+    if "embedding" in self.kinds and img and cond:
       g = given("embedding", 5000)
       e_true = self.clip_embed(frozen, real["image"])
       out["emb_to_image_cosine"] = float(np.mean(np.asarray(cosine(self.clip_embed(frozen, g["image"]), e_true))))

@@ -120,6 +120,63 @@ def test_evaluate_scores_a_known_generator(shift, monkeypatch, tmp_path):
     assert out["seg_image_iou"] < 0.6 and out["image_to_seg_iou"] < 0.6
 
 
+def test_evaluate_without_conditional_metrics_samples_jointly_only(monkeypatch, tmp_path):
+  """config.eval.conditional=False: only joint sampling (no modality given), the joint metrics as before and no
+  `*_to_*` metric."""
+  cfg = mt_diffusion_shapes.get_config("segmentation,tiny")
+  assert cfg.eval.conditional is True  # the default
+  cfg.mt.modalities = ("image", "label", "segmentation")
+  cfg.mt.weights = (0.4, 0.3, 0.3)
+  cfg.mt.rec_weights = (1.0, 1.0, 1.0)
+  cfg.eval.num_samples = 8
+  cfg.eval.conditional = False
+  exp = get_experiment(cfg)
+  calls = []
+
+  def generate(params, frozen, rng, batch=None, known=(), num=None, return_codes=False):
+    calls.append(tuple(known))
+    return {"image": batch["image"], "label": batch["label"], "segmentation": batch["segmentation"]}
+
+  monkeypatch.setattr(exp, "generate", generate)
+  out = exp.evaluate(None, {}, jax.random.key(0), str(tmp_path))
+  assert calls == [()]
+  assert out["label_image_agreement"] == out["seg_image_iou"] == 1.0
+  assert not [k for k in out if "_to_" in k]
+
+
+def test_evaluate_reports_the_shapes_fd_with_shapesnet_weights(monkeypatch, tmp_path):
+  """With config.eval.shapes_fd_path set, precision / recall use the ShapesNet features and evaluate() also
+  reports `shapes_fd`: ~0 when the generator returns the test images themselves, and for a constant grey
+  generator the Frechet distance computed here from the same net's features (an untrained 16px net: this
+  checks the wiring, tests/eval/test_shapes_fd.py the metric)."""
+  from diffusion_jax.data import shapes as S
+  from diffusion_jax.eval import fid as FID
+  from diffusion_jax.eval import shapes_fd as F
+  n = len(S.SHAPES) * len(S.COLOUR_NAMES)
+  net = str(tmp_path / "net16.safetensors")
+  params = F.ShapesNet(n, 8).init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+  F.save(params["params"], {"num_classes": n, "width": 8, "image_size": 16}, net)
+  cfg = mt_diffusion_shapes.get_config("image,tiny")
+  cfg.eval.num_samples = 12
+  cfg.eval.shapes_fd_path = net
+  exp = get_experiment(cfg)
+  real = np.concatenate([b["image"][:m] for b, m in exp.test_batches(12, int(cfg.eval.batch_size))])
+  for fill in ("real", "grey"):
+    gen = lambda params, frozen, rng, batch=None, known=(), num=None, return_codes=False, fill=fill: {
+        "image": batch["image"] if fill == "real" else np.zeros_like(batch["image"])}
+    monkeypatch.setattr(exp, "generate", gen)
+    out = exp.evaluate(None, {}, jax.random.key(0), str(tmp_path))
+    assert out["pr_features"] == "shapes_fd" and out["shapes_fd_net_sha256"] == FID.file_sha256(net)
+    if fill == "real":
+      assert out["shapes_fd"] == pytest.approx(0.0, abs=1e-6) and out["precision"] == out["recall"] == 1.0
+    else:
+      m = F.ShapesFD(net)
+      f_real, f_fake = m.features(real).astype(np.float64), m.features(np.zeros_like(real)).astype(np.float64)
+      want = FID.frechet_distance(f_fake.mean(0), np.cov(f_fake, rowvar=False), f_real.mean(0),
+                                  np.cov(f_real, rowvar=False))
+      assert want > 1e-4 and out["shapes_fd"] == pytest.approx(want, rel=1e-6)
+
+
 def test_inpainting_metrics_on_known_fills(monkeypatch, tmp_path):
   """inpaint_mse is the squared error over the masked pixels only: 0 for the true image, and for a fill with
   the masked image itself (grey box) it equals the box's error, computed here by hand."""
