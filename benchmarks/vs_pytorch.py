@@ -2,6 +2,11 @@
 
     python benchmarks/vs_pytorch.py [--only attention,unet,ddim,train,dit,sd15] [--repeats 7]
                                     [--attention auto|xla|dot_product_attention|chunked]
+    python benchmarks/vs_pytorch.py --device [--tiny] [benchmarks/device.py options]
+
+`--device` runs the paper-scale accelerator rows instead (benchmarks/device.py: DiT-XL/2 and latent
+DiffiT-XL/2 training throughput and MFU, SD-1.5 512x512 DDIM-50 sampling with CFG, peak device memory, next
+to the published PyTorch figures); every other argument goes to that script.
 
 Rows (fp32, CPU; torch uses its default intra-op threads, XLA its own pool):
 * attention in isolation: (8, 1024 tokens, 2 heads x 16) self-attention, forward and forward + backward,
@@ -367,8 +372,22 @@ def row_sd15(args):
           dict(row="SD-1.5 UNet fwd: process peak RSS (GiB)", jax=rss["jax"], torch=rss["torch"], unit="GiB")]
 
 
-def main():
+def _device_main(argv):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("benchmarks_device",
+                                                os.path.join(os.path.dirname(os.path.abspath(__file__)), "device.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.main(argv)
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if "--device" in argv:  # the accelerator rows: benchmarks/device.py with the other arguments
+    return _device_main([a for a in argv if a != "--device"])
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--device", action="store_true",
+                  help="the paper-scale accelerator rows (benchmarks/device.py; other arguments go there)")
   ap.add_argument("--only", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--attention", default="auto", help="attention implementation for every JAX network")
@@ -378,7 +397,7 @@ def main():
                        "stall (10x slower with 2 threads than 1 at load 9), so 1 is the fair setting there.")
   ap.add_argument("--_child", default="", help=argparse.SUPPRESS)
   ap.add_argument("--_iters", type=int, default=3, help=argparse.SUPPRESS)
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   if args.threads > 0:  # before jax / torch are imported
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                f"intra_op_parallelism_threads={args.threads}").strip()
