@@ -258,6 +258,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train", re
     raise ValueError(f"--restage names {sorted(unknown)}, which are not stages of this config. Its stages: "
                      f"{', '.join(sorted(_all_names(config))) or '(none)'}.")
   attention.configure(config)  # fails on an unknown implementation name before any stage runs
+  if config.get("experiment", ""):
+    from diffusion_jax.experiments.base import experiment_class
+    experiment_class(config.experiment).check_config(config)  # the experiment's own keys, before any stage
   try:
     stages = resolve(config, workdir, restage=restage, train_missing=mode == "train")
   except StageInterrupted as e:

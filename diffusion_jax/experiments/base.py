@@ -59,6 +59,12 @@ class Experiment:
     # The run directory, set by the trainer before `make_dataset` (for on-disk caches); None outside a run.
     self.workdir: Optional[str] = None
 
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Checks of the experiment's own keys that need no stage, data or device; the stage runner calls it before
+    any stage trains, so a bad value fails in seconds, not after a stage. Raises ValueError naming the fix."""
+    del config
+
   def stage(self, name: str) -> str:
     """The export directory of stage `name` (raises naming the config key when the stage was not given)."""
     if name not in self.stages:

@@ -116,6 +116,13 @@ class EclipsePrior(Experiment):
   """ECLIPSE / projection / diffusion prior on cached CLIP embeddings (see the module docstring)."""
   export_kind = "diffusers_prior"
 
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    subset, num = int(config.data.get("train_subset", 0) or 0), config.data.get("num_train", None)
+    if subset < 0 or (num is not None and subset > int(num)):
+      raise ValueError(f"config.data.train_subset={subset} must be 0 (all pairs) or in [1, config.data.num_train="
+                       f"{num}] (the training pairs the cache holds). Lower it or raise config.data.num_train.")
+
   def __init__(self, config: ml_collections.ConfigDict, stages=None):
     super().__init__(config, stages)
     p = config.prior
@@ -336,9 +343,21 @@ class EclipsePrior(Experiment):
       if os.path.exists(base_path):  # the stage's run directory holds its export and its evaluation
         with open(base_path) as f:
           base = json.load(f)
+      else:  # e.g. a projection prior given as a bare export directory (config.stages.projection.path)
+        from absl import logging
+        logging.warning("ECLIPSE evaluate: no %s, so results.md has no projection-baseline column. Point "
+                        "config.stages.projection.path at the baseline's run directory (it holds "
+                        "eval_results.json), not at its export.", base_path)
       res.update({f"projection_{k}": float(base[k]) for k, _ in METRIC_ROWS if k in base})
+    decoded = None
     if "decoder" in self.stages:
-      res.update(self._end_to_end(pred, arrays.get("objects"), rng, workdir))
+      e2e, decoded = self._end_to_end(pred, arrays.get("objects"), rng, workdir)
+      res.update(e2e)
+    rows = int(self.config.eval.get("sheet_rows", 6))
+    if rows > 0 and "image" in meta["keys"] and jax.process_index() == 0:
+      images = clip_cache.load_arrays(test, ["image"])["image"][sl]
+      retrieval_sheet(os.path.join(workdir, "samples", "retrieval.png"), clip_cache.load_captions(test)[:n],
+                      images, pred, true, rows=min(rows, n), k=5, decoded=decoded)
     write_results(workdir, res, self._description())
     return res
 
@@ -357,7 +376,7 @@ class EclipsePrior(Experiment):
                       guidance=float(self.config.eval.get("decoder_guidance", 3.0)))
     scores = shapes_parser.score_all(imgs, np.asarray(objects[:num]))
     save_grid(os.path.join(workdir, "samples", "end_to_end.png"), imgs[:64])
-    return {f"e2e_{k}": float(v) for k, v in scores.items()}
+    return {f"e2e_{k}": float(v) for k, v in scores.items()}, imgs
 
 
 class FirstN:
@@ -376,6 +395,46 @@ class FirstN:
     if not 0 <= int(index) < self.n:
       raise IndexError(f"index {index} out of range [0, {self.n}).")
     return self.source[int(index)]
+
+
+def retrieval_sheet(path: str, captions, images, pred, true, *, rows: int = 6, k: int = 5, decoded=None,
+                    scale: int = 3) -> np.ndarray:
+  """DIR/samples/retrieval.png: for the first `rows` held-out captions, the caption, the true image, the top-`k`
+  held-out images by cosine between the predicted embedding and their CLIP image embeddings (the true image
+  framed green when retrieved) and, with a decoder stage, the image decoded from the predicted embedding.
+  `images` uint8 [N, H, W, 3] (the gallery, aligned with `true`); `decoded` floats in [0, 1] or None.
+  Returns the sheet (uint8 [H, W, 3]) and writes it to `path`."""
+  from PIL import Image, ImageDraw, ImageFont
+  from diffusion_jax.images import save_png
+  if decoded is not None and len(decoded) < rows:
+    decoded = None  # fewer decoded images than rows (config.eval.num_decoded): no decoded column
+  unit = lambda a: np.asarray(a, np.float32) / np.linalg.norm(np.asarray(a, np.float32), axis=-1,
+                                                              keepdims=True).clip(1e-8)
+  sims = unit(pred[:rows]) @ unit(true).T  # [rows, N]
+  top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+  up = lambda im: np.repeat(np.repeat(np.asarray(im), scale, 0), scale, 1)
+  size = images.shape[1] * scale
+  cols = ["true image"] + [f"top-{j + 1}" for j in range(k)] + (["decoded"] if decoded is not None else [])
+  pad, head, cap = 4, 14, 13
+  w, h = pad + len(cols) * (size + pad), head + rows * (size + cap + pad)
+  sheet = Image.new("RGB", (w, h), (255, 255, 255))
+  draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+  for c, name in enumerate(cols):
+    draw.text((pad + c * (size + pad), 2), name, fill=(0, 0, 0), font=font)
+  for r in range(rows):
+    y = head + r * (size + cap + pad)
+    cells = [images[r]] + [images[int(t)] for t in top[r]]
+    if decoded is not None:
+      cells.append((np.clip(np.asarray(decoded[r], np.float32), 0, 1) * 255 + 0.5).astype(np.uint8))
+    for c, im in enumerate(cells):
+      x = pad + c * (size + pad)
+      sheet.paste(Image.fromarray(up(np.asarray(im, np.uint8))), (x, y))
+      if 1 <= c <= k and int(top[r][c - 1]) == r:
+        draw.rectangle([x, y, x + size - 1, y + size - 1], outline=(0, 200, 0), width=2)
+    draw.text((pad, y + size), str(captions[r])[: max(8, w // 6)], fill=(0, 0, 0), font=font)
+  arr = np.asarray(sheet)
+  save_png(path, arr)
+  return arr
 
 
 def _diffusion_denoise(exp: "EclipsePrior", params, x, t, cond):

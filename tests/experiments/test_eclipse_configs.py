@@ -86,3 +86,17 @@ def test_main_job_variants():
     assert c.stages.projection.config.prior.objective == "projection"
     assert c.stages.projection.config.data.shapes.to_dict() == c.data.shapes.to_dict()
   assert not clean.stages.projection.config.to_dict() and clean.stages.projection.optional
+
+
+def test_train_subset_out_of_range_fails_before_any_stage(tmp_path):
+  """config.data.train_subset beyond the cached pairs is refused by the stage runner before the CLIP stage
+  trains (nothing is written), with the key and the fix named."""
+  from diffusion_jax import stages
+  cfg = eclipse_prior.get_config("tiny")
+  cfg.data.train_subset = int(cfg.data.num_train) + 1
+  with pytest.raises(ValueError, match=r"config\.data\.train_subset=65 .*num_train=64"):
+    stages.run(cfg, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+  cfg.data.train_subset = -1
+  with pytest.raises(ValueError, match="train_subset=-1"):
+    stages.run(cfg, str(tmp_path / "run"))

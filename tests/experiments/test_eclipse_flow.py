@@ -49,6 +49,9 @@ def test_eclipse_tiny_end_to_end(shared):
   assert {"cf_colour_emb", "cf_position_emb", "objects", "null_text_emb"} <= set(meta["keys"])
   text = open(os.path.join(wd, "results.md")).read()
   assert "binding acc. (colour swap)" in text and "R@1" in text
+  from PIL import Image  # the retrieval picture: caption rows of true image | top-5 (no decoder stage here)
+  sheet = np.asarray(Image.open(os.path.join(wd, "samples", "retrieval.png")))
+  assert sheet.ndim == 3 and sheet.shape[1] > 6 * 32 and sheet.std() > 0
   res = json.load(open(os.path.join(wd, "eval_results.json")))
   assert res["R@1"] == pytest.approx(out["eval/R@1"])
 
@@ -145,6 +148,9 @@ def test_decoder_and_diffusion_baseline_end_to_end(shared, tmp_path):
   assert os.path.exists(pwd / "samples" / "end_to_end.png")
   # The sample sheet: the true test images next to the decoded prior samples, >= 64 px cells.
   from PIL import Image
+  wide = np.asarray(Image.open(pwd / "samples" / "retrieval.png"))
+  narrow = np.asarray(Image.open(os.path.join(root, "eclipse", "samples", "retrieval.png")))
+  assert wide.shape[1] > narrow.shape[1]  # with a decoder stage: the decoded-image column
   sheet = np.asarray(Image.open(pwd / "samples" / f"step_{cfg.train.num_steps:07d}.png"))
   assert sheet.shape[0] >= 4 * 64 and sheet.shape[1] >= 2 * 64
 

@@ -136,3 +136,40 @@ def test_clip_transform_hard_negative_images():
   want = clip_cache.preprocess_images(clip_cache.scene_image(S.swap_positions(sc), cfg)[None], 32)[0]
   np.testing.assert_allclose(out["hard_pixels"][1], want)
   assert "hard_pixels" not in clip_pretrain.TokenizeAndNormalize(24, cfg)(ex)
+
+
+def test_retrieval_sheet_shows_the_nearest_images_and_frames_the_true_one(tmp_path):
+  """retrieval_sheet: each row's top-k cells are the gallery images in cosine order of the predicted embedding;
+  the true image is framed green where it is retrieved; the decoded column appears only with decoded images."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  n, size, scale, pad, head, cap = 8, 4, 3, 4, 14, 13
+  images = np.stack([np.full((size, size, 3), 20 * i + 10, np.uint8) for i in range(n)])  # one grey per image
+  true = rng.normal(size=(n, 6)).astype(np.float32)
+  pred = true.copy()
+  pred[1] = true[5] + 1e-3 * true[1]  # row 1 retrieves image 5 first, not its own
+  path = str(tmp_path / "samples" / "retrieval.png")
+  sheet = eclipse.retrieval_sheet(path, [f"caption {i}" for i in range(n)], images, pred, true, rows=3, k=5,
+                                  scale=scale)
+  assert np.array_equal(np.asarray(Image.open(path)), sheet)
+  cell = size * scale
+
+  def pixel(row, col):  # the centre of a cell (away from the frame)
+    return sheet[head + row * (cell + cap + pad) + cell // 2, pad + col * (cell + pad) + cell // 2]
+
+  sims = (true / np.linalg.norm(true, axis=1, keepdims=True)) @ (true / np.linalg.norm(true, axis=1,
+                                                                                         keepdims=True)).T
+  for r in (0, 2):
+    assert tuple(pixel(r, 0)) == (20 * r + 10,) * 3  # the true image
+    assert tuple(pixel(r, 1)) == (20 * r + 10,) * 3  # retrieved first
+    assert tuple(pixel(r, 2)) == (20 * int(np.argsort(-sims[r])[1]) + 10,) * 3  # then the next nearest
+    corner = sheet[head + r * (cell + cap + pad), pad + cell + pad]
+    assert tuple(corner) == (0, 200, 0)  # framed
+  assert tuple(pixel(1, 1)) == (20 * 5 + 10,) * 3
+  assert tuple(sheet[head + (cell + cap + pad), pad + cell + pad]) != (0, 200, 0)  # image 5 is not the true one
+  assert sheet.shape[1] == pad + 6 * (cell + pad)
+  decoded = np.full((3, size, size, 3), 0.5, np.float32)
+  with_dec = eclipse.retrieval_sheet(path, ["c"] * n, images, pred, true, rows=3, k=5, scale=scale,
+                                     decoded=decoded)
+  assert with_dec.shape[1] == pad + 7 * (cell + pad)
+  assert tuple(with_dec[head + cell // 2, pad + 6 * (cell + pad) + cell // 2]) == (128, 128, 128)
