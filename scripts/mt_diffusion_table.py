@@ -10,7 +10,8 @@ inpaint_recon, clip, image) for each seed, one subprocess at a time
         --workdir RUNS/<variant>_s<N> --config.train.num_steps=STEPS [--config.eval.shapes_fd_path=NET] \\
         [--config.stages.clip.path=RUNS/clip] [OVERRIDES]
 
-seed-major (all variants at seed 0 first, so a stopped sweep leaves whole seeds), skipping runs whose
+seed-major (all variants at seed 0 first, so a stopped sweep leaves whole seeds; within a seed `RUN_ORDER`:
+the image-only baseline and (c)'s pair first), skipping runs whose
 RUNS/<variant>_s<N>/eval_results.json (written by the training run's final evaluation) is at step STEPS, so it
 resumes (an interrupted training resumes from its checkpoint). Before them, once: the shapes CLIP of the clip
 variant (`configs/clip_shapes.py`, the stage `clip` of that variant, trained in RUNS/clip and shared by every
@@ -45,6 +46,9 @@ from scripts.diffit_ablation_table import _ms  # noqa: E402
 
 CONFIG = "configs/mt_diffusion_shapes.py"
 VARIANTS = ("label", "segmentation", "inpaint", "inpaint_recon", "clip", "image")
+# the order `run` trains them in within a seed: the image-only baseline (the reference of three experiments) and
+# (c)'s pair first, so a sweep stopped by time loses the least
+RUN_ORDER = ("image", "inpaint", "inpaint_recon", "label", "segmentation", "clip")
 NAMES = {"label": "MT joint image + label", "segmentation": "MT joint image + segmentation",
          "inpaint": "MT joint image + masked image", "inpaint_recon": "reconstruction-only baseline",
          "clip": "MT joint image + CLIP embedding", "image": "image-only baseline (1 modality)"}
@@ -144,7 +148,7 @@ def run_all(root, seeds, steps, variants=VARIANTS, net="", clip="", stop_after=N
       w = _run_cmd(clip_command(root), os.path.join(root, "clip.log"))
       json.dump(w, open(os.path.join(cd, "wall.json"), "w"))
   for seed in seeds:
-    for variant in variants:
+    for variant in sorted(variants, key=RUN_ORDER.index):
       wd = workdir(root, variant, seed)
       if is_done(root, variant, seed, steps):
         print(f"skip {variant} seed {seed}: evaluated at step {steps}", flush=True)

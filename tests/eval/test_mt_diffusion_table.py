@@ -61,6 +61,10 @@ def test_resume_skips_runs_evaluated_at_the_step(tmp_path, monkeypatch):
   T.run_all(root, [0], 800, variants=("label", "image"))
   assert ran == [os.path.join(root, "image_s0")]
   assert T.is_done(root, "label", 0, 800) and not T.is_done(root, "image", 0, 800)
+  ran.clear()
+  T.run_all(root, [0, 1], 800, variants=("label", "inpaint_recon", "image"))  # seed-major, baseline first
+  assert [os.path.basename(p) for p in ran] == ["image_s0", "inpaint_recon_s0", "image_s1", "inpaint_recon_s1",
+                                               "label_s1"]  # image_s0 again: the fake run wrote no evaluation
 
 
 def test_table_means_stds_baselines_and_missing_runs(tmp_path):
