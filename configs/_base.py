@@ -15,6 +15,8 @@ Keys (see docs/training-and-configs.md for what each one does):
   remat ("none"|"full"|"dots"|"dots_no_batch"), param_sharding ("replicated"|"fsdp"),
   attention ("auto"|"xla"|"dot_product_attention"|"chunked": the attention implementation every network uses,
   see diffusion_jax/models/attention.py; "auto" picks per platform and shape),
+  compilation_cache_dir ("" = off: a directory for JAX's persistent compilation cache, so a later process
+  loads the compiled programs instead of compiling again), compilation_cache_min_compile_secs,
   data.{name, batch_size (global), num_workers, prefetch, data_dir, ...},
   model.{name, ...}, optim.{name, lr, b1, b2, eps, weight_decay, momentum, schedule, warmup_steps,
   decay_steps, restart_period, min_lr_ratio, grad_clip, grad_accum},
@@ -41,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.remat = "none"
   c.param_sharding = "replicated"
   c.attention = "auto"            # attention implementation (diffusion_jax/models/attention.py)
+  c.compilation_cache_dir = ""    # persistent XLA compilation cache ("" = off; diffusion_jax/compile_cache.py)
+  c.compilation_cache_min_compile_secs = 1.0  # cache programs that took at least this long to compile
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ""

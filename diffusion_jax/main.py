@@ -123,7 +123,11 @@ def main(argv):
   logging.info("JAX %s: process %d/%d, %d devices (%d local), platform %s.", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count(),
                jax.devices()[0].platform)
-  from diffusion_jax import stages
+  from diffusion_jax import compile_cache, stages
+  cache_dir = compile_cache.configure(FLAGS.config)  # before the first compilation of the process
+  if cache_dir:
+    logging.info("Persistent compilation cache: %s (programs that compile in >= %s s).", cache_dir,
+                 FLAGS.config.get("compilation_cache_min_compile_secs", 1.0))
   try:
     result = stages.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, restage=FLAGS.restage)
   except (ValueError, FileNotFoundError) as e:
@@ -133,6 +137,10 @@ def main(argv):
       raise
     print(f"FATAL: {type(e).__name__}: {e}", file=sys.stderr)
     sys.exit(2)
+  if cache_dir:
+    st = compile_cache.stats()
+    logging.info("Compilation cache: %d of %d compilations loaded from %s (%.1f s of compile time saved).",
+                 st["hits"], st["requests"], cache_dir, st["saved_s"])
   logging.info("Done (%s): %s", FLAGS.mode, json.dumps(result, default=str))
 
 

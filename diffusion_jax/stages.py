@@ -47,7 +47,8 @@ STAGE_RECORD = "stage.json"
 # Keys that change how a run is executed or logged, not what it trains.
 OPERATIONAL_KEYS = ("train.progress_bar", "train.log_every", "train.async_ckpt", "train.keep_ckpts",
                     "train.ckpt_every", "train.sample_every", "train.num_samples", "data.num_workers",
-                    "data.prefetch", "mesh.", "attention")
+                    "data.prefetch", "mesh.", "attention", "compilation_cache_dir",
+                    "compilation_cache_min_compile_secs")
 MODES = ("train", "sample", "eval")
 RESERVED = ("checkpoints", "samples", "export", "cache")  # what a run writes into its own WORKDIR
 
