@@ -1,6 +1,7 @@
 """MT-Diffusion's measured table (issue #15): the four shapes experiments and their baselines over seeds.
 
     python scripts/mt_diffusion_table.py run   --root RUNS [--seeds 0 1] [--steps 800] [--net NET16]
+    python scripts/mt_diffusion_table.py floor --root RUNS --net NET16 [--seeds 0 1] [--floor_n 128]
     python scripts/mt_diffusion_table.py table --root RUNS [--seeds 0 1]
 
 `run` trains and evaluates every variant of `configs/mt_diffusion_shapes.py` (label, segmentation, inpaint,
@@ -20,10 +21,12 @@ ShapesNet (`scripts/shapes_fd.py train --image_size 16`) whose features give pre
 FD. Wall and CPU time (user + sys of the subprocess) and the load average before / after go to
 RUNS/<variant>_s<N>/wall.json.
 
+`floor` writes RUNS/floor.json: per seed, the shapes FD and precision / recall between the evaluation's real
+reference set and the next test images of the same size (a perfect generator's scores at that n).
 `table` prints markdown: per experiment, the joint MT-Diffusion model's metrics next to its baseline's (the
 reconstruction-only model for (c), the image-only model of the same size and budget for the image metrics),
-mean ± sample std over the seeds that finished (their list shown), then the per-run values, then the runs that
-are missing (no eval_results.json) or at another step.
+mean ± sample std over the seeds that finished (their list shown), the real-vs-real floor (when RUNS/floor.json exists), then the
+per-run values, then the runs that are missing (no eval_results.json) or at another step.
 """
 
 from __future__ import annotations
@@ -164,6 +167,33 @@ def run_all(root, seeds, steps, variants=VARIANTS, net="", clip="", stop_after=N
       print(f"done {variant} seed {seed}: {w}", flush=True)
 
 
+def floor(root, net, seeds, n=None):
+  """RUNS/floor.json: per seed, the shapes FD and precision / recall (ShapesNet `net`, k = 3) between the
+  evaluation's real reference set (the first n test images of the seed, n = config.eval.num_samples) and the
+  next n test images: what a perfect generator would score at this n."""
+  from configs import mt_diffusion_shapes
+  from diffusion_jax.data import make_image_source
+  from diffusion_jax.eval.fid import precision_recall
+  from diffusion_jax.eval.shapes_fd import ShapesFD
+  from diffusion_jax.experiments.generation import feature_statistics, frechet_distance
+  m = ShapesFD(net)
+  rows = []
+  for seed in seeds:
+    c = mt_diffusion_shapes.get_config(f"image,seed{seed}")  # every variant shares data and eval settings
+    k = int(n or c.eval.num_samples)
+    src = make_image_source(c.data, "test", seed)
+    im = np.stack([np.asarray(src[i]["image"]) for i in range(2 * k)])
+    im = im.astype(np.float32) / 127.5 - 1.0 if im.dtype == np.uint8 else im.astype(np.float32)
+    ref, other = m.features(im[:k]), m.features(im[k:])
+    rows.append({"seed": seed, "n": k, "shapes_fd": float(frechet_distance(*feature_statistics(other),
+                                                                         *feature_statistics(ref))),
+                 **{key: float(v) for key, v in precision_recall(ref, other, k=int(c.eval.pr_k)).items()}})
+  out = {"net_sha256": m.sha256, "rows": rows}
+  with open(os.path.join(root, "floor.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  return out
+
+
 def collect(root, seeds=None):
   """{variant: {"seeds": [...], "step": [...], "eval": [dict per seed], "wall": [...]}} over RUNS/<variant>_s<N>
   with an eval_results.json (seeds restricted to `seeds` when given), and the list of missing runs."""
@@ -218,6 +248,13 @@ def table(root, seeds=None) -> str:
       ratio = [b[s] / j[s] for s in both]
       lines += ["", f"(c) masked-region MSE, baseline / joint (> 1: the joint model is better; the paper: ~10): "
                     f"{_ms(ratio)} over seeds {','.join(map(str, both))}"]
+  fp = os.path.join(root, "floor.json")
+  if os.path.exists(fp):
+    fl = [r for r in json.load(open(fp))["rows"] if seeds is None or r["seed"] in seeds]
+    if fl:
+      lines += ["", "real vs real (the reference set against the next test images, same n = "
+                    f"{','.join(sorted({str(r['n']) for r in fl}))}; seeds {','.join(str(r['seed']) for r in fl)}): "
+                    + ", ".join(f"{k} {_ms([r[k] for r in fl])}" for k, _ in IMAGE_METRICS)]
   pr = sorted({ev.get("pr_features", "?").split(" ")[0] for r in res.values() for ev in r["eval"]
                if "pr_features" in ev})
   if pr:
@@ -243,7 +280,7 @@ def table(root, seeds=None) -> str:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("cmd", choices=("run", "table"))
+  p.add_argument("cmd", choices=("run", "floor", "table"))
   p.add_argument("--root", required=True)
   p.add_argument("--seeds", type=int, nargs="+", default=None, help="run: default 0 1; table: default all found")
   p.add_argument("--steps", type=int, default=800)
@@ -252,11 +289,14 @@ def main(argv=None):
   p.add_argument("--clip", default="", help="a finished shapes-CLIP run / export (default: train RUNS/clip once)")
   p.add_argument("--override", action="append", default=[],
                  help="an extra flag for every training command, e.g. --override=--config.eval.num_samples=128")
+  p.add_argument("--floor_n", type=int, default=None, help="floor: n (default config.eval.num_samples)")
   p.add_argument("--stop_after_s", type=float, default=None, help="no new training run after this many seconds")
   a = p.parse_args(argv)
   if a.cmd == "run":
     run_all(a.root, a.seeds or [0, 1], a.steps, a.variants, a.net, a.clip,
             None if a.stop_after_s is None else time.time() + a.stop_after_s, a.override)
+  elif a.cmd == "floor":
+    print(json.dumps(floor(a.root, a.net, a.seeds or [0, 1], a.floor_n), indent=1))
   else:
     print(table(a.root, a.seeds))
 

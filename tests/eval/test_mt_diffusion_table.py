@@ -82,7 +82,13 @@ def test_table_means_stds_baselines_and_missing_runs(tmp_path):
   _fake(root, "segmentation", 0, seg_image_iou=0.6, seg_to_image_iou=0.5, image_to_seg_iou=0.4, precision=0.9,
         recall=0.5, shapes_fd=11.0)
   os.makedirs(T.workdir(root, "segmentation", 1))  # unfinished: no eval_results.json
+  _write(os.path.join(root, "floor.json"), {"rows": [
+      {"seed": 0, "n": 128, "shapes_fd": 1.0, "precision": 0.9, "recall": 1.0},
+      {"seed": 1, "n": 128, "shapes_fd": 3.0, "precision": 0.7, "recall": 1.0},
+      {"seed": 2, "n": 128, "shapes_fd": 99.0, "precision": 0.0, "recall": 0.0}]})  # not a seed asked for
   out = T.table(root, seeds=[0, 1])
+  assert ("real vs real (the reference set against the next test images, same n = 128; seeds 0,1): "
+          "precision 0.8 ± 0.14, recall 1 ± 0, shapes_fd 2 ± 1.4") in out
 
   # (a): mean +- sample std (ddof 1) over the two seeds, next to the image-only baseline for the image metrics
   assert _row(out, "(a) image + label", "label / image agreement (parser) ↑")[2:5] == ["0.6 ± 0.14", "0,1", "—"]
