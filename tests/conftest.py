@@ -86,13 +86,13 @@ def compiles():
   return _COUNTER
 
 
-# ------------------------------------------------------------------ one tiny text-to-image base per test session
-# The tiny sd_shapes pipeline (CLIP stage + UNet, ~90 s of CPU) is the `pipeline` stage of the CoDi and Prompt
-# Diffusion tiny configs and their notebooks, and the run of tests/experiments/test_text_to_image.py. It is trained
-# once per session, through the real stage runner, into a directory shared by the xdist workers (a file lock makes
-# the second worker wait for the first); each user gets its own copy, so no test can change another's files.
-
-SD_SHAPES_TINY_STAGE = "pipeline"
+# ------------------------------------------------------------------ tiny stages trained once per test session
+# The tiny shapes CLIP (configs/clip_shapes.py:tiny, ~30 s of CPU) is the `clip` stage of the ECLIPSE, unCLIP
+# decoder, sd_shapes and MT-Diffusion tiny configs; the tiny sd_shapes pipeline (CLIP stage + UNet, ~90 s) is
+# the `pipeline` stage of the CoDi and Prompt Diffusion tiny configs and their notebooks, and the run of
+# tests/experiments/test_text_to_image.py. Each is trained once per session, through the real stage runner,
+# into a directory shared by the xdist workers (a file lock makes a second worker wait for the first); each user
+# gets its own copy (`copy_to`), so no test can change another's files.
 
 
 def _session_shared_dir(tmp_path_factory) -> str:
@@ -102,15 +102,6 @@ def _session_shared_dir(tmp_path_factory) -> str:
   root = os.path.join(str(base.parent), f"shared-{uid}") if uid else os.path.join(str(base), "shared")
   os.makedirs(root, exist_ok=True)
   return root
-
-
-def _sd_shapes_tiny_stage_config():
-  import ml_collections
-  from configs import _base, sd_shapes
-  config = ml_collections.ConfigDict()
-  config.stages = ml_collections.ConfigDict()
-  config.stages[SD_SHAPES_TINY_STAGE] = _base.stage(sd_shapes.get_config("tiny"), kind="sd_pipeline")
-  return config
 
 
 class SharedStage:
@@ -127,20 +118,47 @@ class SharedStage:
     return dest
 
 
-@pytest.fixture(scope="session")
-def sd_shapes_tiny_stage(tmp_path_factory) -> SharedStage:
-  """A finished `pipeline` stage of configs/sd_shapes.py:tiny (trained by stages.resolve): stage.json, the clip/
-  sub-stage, cache/, checkpoints/ and export/."""
+def _shared_stage(tmp_path_factory, key: str, name: str, stage_config, kind: str, before=None) -> SharedStage:
+  """Trains `stage_config` as stage `name` in the session's shared directory `key/` unless it is finished there;
+  `before(stage_dir)` runs first (e.g. copies finished sub-stages in)."""
   import sys
   import filelock
+  import ml_collections
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if repo not in sys.path:
     sys.path.insert(0, repo)
+  from configs import _base
   from diffusion_jax import stages
-  root = _session_shared_dir(tmp_path_factory)
-  stage_dir = os.path.join(root, SD_SHAPES_TINY_STAGE)
-  with filelock.FileLock(os.path.join(root, "sd_shapes_tiny.lock")):
+  root = os.path.join(_session_shared_dir(tmp_path_factory), key)
+  os.makedirs(root, exist_ok=True)
+  stage_dir = os.path.join(root, name)
+  with filelock.FileLock(root + ".lock"):
     record = stages.read_record(stage_dir)
     if not (record and record.get("complete")):
-      stages.resolve(_sd_shapes_tiny_stage_config(), root)
-  return SharedStage(stage_dir, SD_SHAPES_TINY_STAGE)
+      if before is not None and record is None:
+        before(stage_dir)
+      config = ml_collections.ConfigDict()
+      config.stages = ml_collections.ConfigDict()
+      config.stages[name] = _base.stage(stage_config(), kind=kind)
+      stages.resolve(config, root)
+  return SharedStage(stage_dir, name)
+
+
+@pytest.fixture(scope="session")
+def clip_shapes_tiny_stage(tmp_path_factory) -> SharedStage:
+  """A finished `clip` stage of configs/clip_shapes.py:tiny (stage.json, export/ in the transformers layout)."""
+  def config():
+    from configs import clip_shapes
+    return clip_shapes.get_config("tiny")
+  return _shared_stage(tmp_path_factory, "clip_shapes_tiny", "clip", config, "hf_clip")
+
+
+@pytest.fixture(scope="session")
+def sd_shapes_tiny_stage(tmp_path_factory, clip_shapes_tiny_stage) -> SharedStage:
+  """A finished `pipeline` stage of configs/sd_shapes.py:tiny: stage.json, the clip/ sub-stage (the session's
+  tiny CLIP, reused), cache/, checkpoints/ and export/."""
+  def config():
+    from configs import sd_shapes
+    return sd_shapes.get_config("tiny")
+  return _shared_stage(tmp_path_factory, "sd_shapes_tiny", "pipeline", config, "sd_pipeline",
+                       before=lambda d: clip_shapes_tiny_stage.copy_to(d))

@@ -24,9 +24,11 @@ METRICS = ("R@1", "R@5", "cosine", "binding_colour", "binding_position")
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-  """One tiny shapes CLIP + embedding cache + ECLIPSE prior run, shared by the tests of this file."""
+def shared(tmp_path_factory, clip_shapes_tiny_stage):
+  """One tiny shapes CLIP + embedding cache + ECLIPSE prior run, shared by the tests of this file. The CLIP stage
+  is the session's (tests/conftest.py), copied into the run's directory, where the stage runner reuses it."""
   root = str(tmp_path_factory.mktemp("eclipse"))
+  clip_shapes_tiny_stage.copy_to(os.path.join(root, "eclipse"))
   cfg = eclipse_prior.get_config("tiny")
   cfg.data.embedding_cache = os.path.join(root, "cache")
   out = stages.run(cfg, os.path.join(root, "eclipse"))
@@ -40,7 +42,7 @@ def test_eclipse_tiny_end_to_end(shared):
   for m in METRICS:
     lo = -1.0 if m == "cosine" else 0.0
     assert lo <= out[f"eval/{m}"] <= 1.0, (m, out[f"eval/{m}"])  # fails on NaN too
-  # The CLIP stage ran in WORKDIR/clip and recorded its completion and its transformers-layout export.
+  # The CLIP stage (the session's, reused) sits in WORKDIR/clip with its completion and its transformers export.
   record = stages.read_record(os.path.join(wd, "clip"))
   assert record["complete"] and record["kind"] == "hf_clip" and record["experiment"] == "clip_pretrain"
   assert os.path.exists(os.path.join(wd, "clip", record["export"], "model.safetensors"))
