@@ -230,6 +230,10 @@ def _cell(res, variant, metric):
                              if isinstance(ev.get(metric), (int, float)))
 
 
+def _num(v) -> str:
+  return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def table(root, seeds=None) -> str:
   res, missing = collect(root, seeds)
   lines = ["| experiment | metric | MT-Diffusion (joint) | seeds | baseline | baseline value | seeds |",
@@ -238,6 +242,8 @@ def table(root, seeds=None) -> str:
     for metric, label, base in rows:
       v, s = _cell(res, joint, metric)
       bv, bs = _cell(res, base, metric) if base else ("", "")
+      if v == "—" and bv in ("", "—"):
+        continue  # not measured by any finished run (e.g. the conditional metrics with config.eval.conditional=False)
       lines.append(f"| {title} | {label} | {v} | {s} | {NAMES[base] if base else '—'} | {bv or '—'} | {bs} |")
   # (c): the paper's claim is about the ratio baseline / joint of the masked-region error
   if "inpaint" in res and "inpaint_recon" in res:
@@ -266,8 +272,8 @@ def table(root, seeds=None) -> str:
   own["image"] = []
   for variant, r in res.items():
     for seed, step, ev, w in zip(r["seeds"], r["step"], r["eval"], r["wall"]):
-      img = [f"{ev[k]:.3g}" if isinstance(ev.get(k), (int, float)) else "—" for k, _ in IMAGE_METRICS]
-      o = ", ".join(f"{k} {ev[k]:.3g}" for k in own[variant] if isinstance(ev.get(k), (int, float)))
+      img = [_num(ev[k]) if isinstance(ev.get(k), (int, float)) else "—" for k, _ in IMAGE_METRICS]
+      o = ", ".join(f"{k} {_num(ev[k])}" for k in own[variant] if isinstance(ev.get(k), (int, float)))
       lines.append(f"| {variant} | {seed} | {step} | " + " | ".join(img) + f" | {o or '—'} | "
                    f"{w.get('wall_s', '?')} | {w.get('cpu_s', '?')} | {w.get('load_before', '?')} / "
                    f"{w.get('load_after', '?')} |")

@@ -112,6 +112,11 @@ def test_table_means_stds_baselines_and_missing_runs(tmp_path):
   assert "| label | 1 | 800 | 0.7 | 0.5 | 14 | label_image_agreement 0.7, label_to_image_accuracy 0.4, " \
          "image_to_label_accuracy 0.3 | 101.0 | 150.0 | 2.00 1.00 0.50 / 3.00 2.00 1.00 |" in out
   assert "WARNING" not in out
+  # a metric that no finished run measured has no row
+  assert "| (b) image + segmentation | mask given" in out
+  _fake(root, "label", 0, label_image_agreement=0.5, precision=123.4)  # conditional metrics off; large value
+  out = T.table(root, seeds=[0])
+  assert "label given -> parser class" not in out and "| label | 0 | 800 | 123 |" in out
 
 
 def test_table_flags_runs_at_different_steps(tmp_path):
