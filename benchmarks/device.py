@@ -156,7 +156,7 @@ def _timed_steps(run, steps: int, deadline: float):
   return times
 
 
-def _train_config(row: str, tiny: bool, dtype: str):
+def _train_config(row: str, tiny: bool, dtype: str, scan_blocks: bool = False):
   path = os.path.join(ROOT, "configs", "dit_imagenet256.py" if row == "dit" else "diffit_imagenet256.py")
   spec = importlib.util.spec_from_file_location(f"device_bench_{row}_config", path)
   mod = importlib.util.module_from_spec(spec)
@@ -168,7 +168,24 @@ def _train_config(row: str, tiny: bool, dtype: str):
   c.eval.fid_feature = "none"
   if tiny:
     c.model.update(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+  c.model.scan_blocks = bool(scan_blocks)
   return c
+
+
+def train_step_fn(exp, tx):
+  """(params, opt, ema), batch, rng -> new state, loss: the experiment's loss, gradient, AdamW, EMA 0.9999."""
+  import jax
+  import optax
+
+  def step(state, batch, rng):
+    params, opt, ema = state
+    (loss, _), g = jax.value_and_grad(lambda p: exp.loss(p, {}, {}, batch, rng, 0), has_aux=True)(params)
+    upd, opt = tx.update(g, opt, params)
+    params = optax.apply_updates(params, upd)
+    ema = jax.tree.map(lambda e, p: e + (1 - 0.9999) * (p - e), ema, params)
+    return (params, opt, ema), loss
+
+  return step
 
 
 def row_train(row: str, args) -> dict:
@@ -180,12 +197,12 @@ def row_train(row: str, args) -> dict:
   from diffusion_jax.models import attention as attn_lib
   t_start = time.perf_counter()
   deadline = t_start + 0.7 * args.time_cap
-  config = _train_config(row, args.tiny, args.dtype)
+  config = _train_config(row, args.tiny, args.dtype, args.scan_blocks)
   mc = dict(config.model)
   exp = get_experiment(config)
   s, c = int(mc["input_size"]), int(mc["in_channels"])
   batch_size = args.train_batch or (2 if args.tiny else 128)
-  fwd = transformer_forward_flops(mc["name"], **{k: v for k, v in mc.items() if k != "name"})
+  fwd = transformer_forward_flops(mc["name"], **{k: v for k, v in mc.items() if k not in ("name", "scan_blocks")})
   n_params = None
   while True:
     try:
@@ -200,15 +217,7 @@ def row_train(row: str, args) -> dict:
       n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
       tx = optax.adamw(1e-4, weight_decay=0.0)
       state = (params, tx.init(params), jax.tree.map(jnp.copy, params))
-
-      def step(state, batch, rng):
-        params, opt, ema = state
-        (loss, _), g = jax.value_and_grad(lambda p: exp.loss(p, {}, {}, batch, rng, 0), has_aux=True)(params)
-        upd, opt = tx.update(g, opt, params)
-        params = optax.apply_updates(params, upd)
-        ema = jax.tree.map(lambda e, p: e + (1 - 0.9999) * (p - e), ema, params)
-        return (params, opt, ema), loss
-
+      step = train_step_fn(exp, tx)
       t0 = time.perf_counter()
       compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch, jax.random.key(0)).compile()
       compile_s = time.perf_counter() - t0
@@ -238,6 +247,7 @@ def row_train(row: str, args) -> dict:
     label = f"tiny {label.split()[0].split('-')[0]} (D={mc['hidden_size']}, depth {mc['depth']})"
   tokens = (s // int(mc["patch_size"])) ** 2
   impl = attn_lib.resolve(None, (batch_size, tokens, int(mc["num_heads"]), 0), tokens)
+  label += ", scanned blocks" if args.scan_blocks else ""
   return dict(row=row, label=f"{label} train step, {s}x{s}x{c} latents", batch=batch_size, seconds=step_s,
               images_per_s=batch_size / step_s, flops_per_image=3 * fwd, compile_s=compile_s,
               timed=len(times), peak_gib=mem, mem_source=mem_src, params_m=n_params / 1e6,
@@ -328,7 +338,7 @@ def run_row(name: str, args) -> dict:
 def _child_cmd(name: str, args):
   cmd = [sys.executable, os.path.abspath(__file__), "--_row", name, "--dtype", args.dtype, "--steps",
          str(args.steps), "--warmup", str(args.warmup), "--time_cap", str(args.time_cap), "--attention",
-         args.attention]
+         args.attention] + (["--scan_blocks"] if args.scan_blocks else [])
   for flag in ("train_batch", "sample_batch", "sample_steps"):
     if getattr(args, flag):
       cmd += [f"--{flag}", str(getattr(args, flag))]
@@ -401,6 +411,8 @@ def parse_args(argv=None):
   ap.add_argument("--time_cap", type=float, default=200.0, help="seconds per row, compile included (hard in a "
                   "subprocess; timing stops at 70%% of it)")
   ap.add_argument("--attention", default="auto", help="attention implementation (models/attention.py)")
+  ap.add_argument("--scan_blocks", action="store_true", help="DiT / DiffiT blocks as one nn.scan (compiles "
+                  "one block instead of 28)")
   ap.add_argument("--in_process", action="store_true", help="run the rows in this process (peak memory is then "
                   "the maximum so far, not per row)")
   ap.add_argument("--_row", default="", help=argparse.SUPPRESS)

@@ -308,6 +308,9 @@ class DiffiTLatent(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
+  # True: the blocks as one nn.scan (params "blocks/block/..." stacked on a depth axis; convert with
+  # models.dit.scan_block_params / unscan_block_params): one block compiled instead of `depth`.
+  scan_blocks: bool = False
 
   @property
   def out_channels(self) -> int:
@@ -333,9 +336,14 @@ class DiffiTLatent(nn.Module):
       c = c + LabelEmbedder(self.num_classes, self.hidden_size, dtype=dtype, param_dtype=pdt,
                             name="y_embedder")(y)
     Block = maybe_remat(DiffiTBlock, self.remat)
-    for i in range(self.depth):
-      h = Block(self.hidden_size, self.num_heads, self.mlp_ratio, self.window_size, ln_affine=False,
-                ln_eps=1e-6, act="gelu_tanh", dtype=dtype, param_dtype=pdt, name=f"blocks_{i}")(h, c)
+    block_args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.window_size)
+    block_kw = dict(ln_affine=False, ln_eps=1e-6, act="gelu_tanh", dtype=dtype, param_dtype=pdt)
+    if self.scan_blocks:
+      from diffusion_jax.models.dit import scanned_blocks  # dit imports this module
+      h, _ = scanned_blocks(Block, self.depth, block_args, block_kw)(h, c)
+    else:
+      for i in range(self.depth):
+        h = Block(*block_args, **block_kw, name=f"blocks_{i}")(h, c)
     h = FinalLayer(p * p * self.out_channels, dtype=dtype, param_dtype=pdt, name="final_layer")(h)
     h = unpatchify(h.reshape(b, gh * gw, -1), p, self.out_channels, gh, gw)
     return h.astype(jnp.float32)

@@ -5,13 +5,20 @@ non-affine LN eps 1e-6, tanh-GELU MLP), but conditioning enters every block thro
 zero-initialised Dense(6D) -> (shift, scale, gate) for attention and MLP; the final layer is adaLN-modulated
 (Dense(2D)) and zero-initialised. Attention is plain global multi-head attention (no relative bias, no time
 token). Sizes S/B/L/XL x patch 2/4/8 via `DIT_SIZES` / `dit_kwargs("XL/2")`.
+
+`scan_blocks=True` (DiT and latent DiffiT, default False) runs the blocks as one `nn.scan`, so XLA compiles one
+block instead of `depth`; the params then hold one `blocks/block/...` subtree stacked on a leading depth axis
+instead of `blocks_0 ... blocks_{depth-1}`. `scan_block_params` / `unscan_block_params` convert between the
+two trees (checkpoints, exports and the released-weight ports use the unscanned names); the outputs are the
+same for the same weights (tests/models/test_scan_blocks.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import attention as attn_lib
@@ -37,6 +44,47 @@ def dit_kwargs(spec: str) -> Dict[str, int]:
     raise ValueError(f"Bad DiT spec {spec!r} (want e.g. 'XL/2'): {e}") from None
   depth, width, heads = DIT_SIZES[size]
   return dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=int(patch))
+
+
+def scan_block_params(params: Mapping[str, Any], depth: int, prefix: str = "blocks_",
+                      scanned: str = "blocks") -> Dict[str, Any]:
+  """Unscanned -> scanned param tree (`scan_blocks=True` of DiT / latent DiffiT): `prefix0..prefix{depth-1}`
+  become one `scanned/block` subtree with a leading depth axis; every other entry is kept."""
+  params = dict(params)
+  blocks = [params.pop(f"{prefix}{i}") for i in range(depth)]
+  if any(k.startswith(prefix) for k in params):
+    raise ValueError(f"scan_block_params: more than depth={depth} '{prefix}*' entries in the params.")
+  params[scanned] = {"block": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
+  return params
+
+
+def unscan_block_params(params: Mapping[str, Any], prefix: str = "blocks_",
+                        scanned: str = "blocks") -> Dict[str, Any]:
+  """Inverse of `scan_block_params` (scanned -> the per-block names the checkpoints and ports use)."""
+  params = dict(params)
+  stacked = params.pop(scanned)["block"]
+  depth = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  for i in range(depth):
+    params[f"{prefix}{i}"] = jax.tree_util.tree_map(lambda x: x[i], stacked)
+  return params
+
+
+class _ScanStep(nn.Module):
+  """One scan step over repeated blocks: carry h, broadcast conditioning c (`nn.scan` body)."""
+  block_cls: Any
+  block_args: tuple
+  block_kwargs: Dict[str, Any]
+
+  @nn.compact
+  def __call__(self, h, c):
+    return self.block_cls(*self.block_args, **self.block_kwargs, name="block")(h, c), None
+
+
+def scanned_blocks(block_cls, depth: int, args: tuple, kwargs: Dict[str, Any], name: str = "blocks"):
+  """`depth` copies of `block_cls(*args, **kwargs)` as one `nn.scan` (params stacked on axis 0 under
+  `name/block`): XLA compiles the block once instead of `depth` times."""
+  return nn.scan(_ScanStep, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
+                 length=depth)(block_cls, tuple(args), dict(kwargs), name=name)
 
 
 def modulate(x, shift, scale):
@@ -84,6 +132,9 @@ class DiT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: Optional[str] = None  # attention implementation (models/attention.py); None = inherit
+  # True: the blocks as one nn.scan (params "blocks/block/..." stacked on a depth axis; convert with
+  # scan_block_params / unscan_block_params): one block compiled instead of `depth`. Same outputs.
+  scan_blocks: bool = False
 
   @property
   def out_channels(self) -> int:
@@ -107,8 +158,12 @@ class DiT(nn.Module):
         y = jnp.full((b,), self.num_classes, jnp.int32)
       c = c + LabelEmbedder(self.num_classes, d, dtype=dtype, param_dtype=pdt, name="y_embedder")(y)
     Block = maybe_remat(DiTBlock, self.remat)
-    for i in range(self.depth):
-      h = Block(d, self.num_heads, self.mlp_ratio, dtype=dtype, param_dtype=pdt, name=f"blocks_{i}")(h, c)
+    block_args, block_kw = (d, self.num_heads, self.mlp_ratio), dict(dtype=dtype, param_dtype=pdt)
+    if self.scan_blocks:
+      h, _ = scanned_blocks(Block, self.depth, block_args, block_kw)(h, c)
+    else:
+      for i in range(self.depth):
+        h = Block(*block_args, **block_kw, name=f"blocks_{i}")(h, c)
     shift, scale = jnp.split(nn.Dense(2 * d, kernel_init=nn.initializers.zeros, dtype=dtype, param_dtype=pdt,
                                       name="final_adaLN_modulation_1")(nn.silu(c)), 2, axis=-1)
     h = modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype, name="final_norm")(h),
