@@ -24,6 +24,8 @@ Each row runs in its own subprocess (so "peak memory" is that row's: the allocat
 accelerator, the process peak RSS on a CPU) under a hard `--time_cap`; inside, warm-up steps follow the
 compile (reported separately), then `--steps` timed steps, stopping early at 70% of the cap. A row that runs
 out of memory is retried at half the batch. `--in_process` runs the rows in this process instead.
+`--scan_blocks` runs DiT / DiffiT with their blocks as one `nn.scan` (`model.scan_blocks`: compiles one
+block instead of 28).
 """
 
 from __future__ import annotations
