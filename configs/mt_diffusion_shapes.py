@@ -27,7 +27,8 @@ on channels 0-2), constant modality weights 1/N, a 100-step cosine schedule, min
 posterior-matching term on the predicted codes, the per-modality code-matching term (weight 1), restoration
 weight 1, the image-space DiffiT (channels 32/64,
 window 8) as the shared backbone with 32 feature channels, Adam 2e-3, batch 32, 2000 steps, EMA 0.995.
-Measured results (experiment (c) against its baseline, one seed): docs/mt_diffusion.md.
+Measured results (the four experiments against their baselines, two seeds; scripts/mt_diffusion_table.py):
+docs/mt_diffusion.md.
 """
 
 from __future__ import annotations

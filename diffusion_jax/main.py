@@ -124,11 +124,11 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count(),
                jax.devices()[0].platform)
   from diffusion_jax import compile_cache, stages
-  cache_dir = compile_cache.configure(FLAGS.config)  # before the first compilation of the process
-  if cache_dir:
-    logging.info("Persistent compilation cache: %s (programs that compile in >= %s s).", cache_dir,
-                 FLAGS.config.get("compilation_cache_min_compile_secs", 1.0))
   try:
+    cache_dir = compile_cache.configure(FLAGS.config)  # before the first compilation of the process
+    if cache_dir:
+      logging.info("Persistent compilation cache: %s (programs that compile in >= %s s).", cache_dir,
+                   FLAGS.config.get("compilation_cache_min_compile_secs", 1.0))
     result = stages.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, restage=FLAGS.restage)
   except (ValueError, FileNotFoundError) as e:
     # A user mistake (config, paths, stage state): one clear message, no traceback (DIFFUSION_JAX_TRACEBACK=1

@@ -1,22 +1,17 @@
 """scripts/mt_diffusion_table.py: the commands it runs, its resume rule, and the table it collects from fake run
 directories (numbers computed here from the fake inputs; missing runs named)."""
 
-import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
 
-def _load_script(name):
-  path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-T = _load_script("mt_diffusion_table")
+from scripts import mt_diffusion_table as T  # noqa: E402
 
 
 def _write(path, obj):
