@@ -333,7 +333,8 @@ class GenerationExperiment(Experiment):
       return None
     from diffusion_jax.pretrained import diffit as pretrained_diffit
     from diffusion_jax.pretrained import io
-    _, params = pretrained_diffit.load_diffit(path)
+    # the released layout is per block; a `model.scan_blocks=True` run gets the blocks stacked
+    _, params = pretrained_diffit.load_diffit(path, scan_blocks=bool(getattr(self.model, "scan_blocks", False)))
     got, want = io.flatten(params), io.flatten(like)
     io.check_names(want, got, f"checkpoint {path} (config.init_from)")
     for k in want:

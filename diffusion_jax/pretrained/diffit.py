@@ -97,8 +97,32 @@ def abstract_params(model: DiffiTLatent):
   return jax.eval_shape(lambda x, t, y: model.init(jax.random.key(0), x, t, y), x, t, y)["params"]
 
 
+def _scanned(model) -> bool:
+  return bool(getattr(model, "scan_blocks", False))
+
+
+def to_per_block(params, model):
+  """Params of `model` in the per-block layout (`blocks_0 ... blocks_{depth-1}`) that checkpoints and exports
+  use: a `scan_blocks=True` model's stacked `blocks/block` subtree is split; other params are returned as is."""
+  if _scanned(model) and "blocks" in params:
+    from diffusion_jax.models.dit import unscan_block_params  # dit imports models.diffit
+    return unscan_block_params(params)
+  return params
+
+
+def for_model(params, model):
+  """Per-block params -> the layout `model` expects (stacked for `scan_blocks=True`; else unchanged)."""
+  if _scanned(model):
+    from diffusion_jax.models.dit import scan_block_params
+    return scan_block_params(params, model.depth)
+  return params
+
+
 def torch_state_to_params(state: Mapping[str, np.ndarray], model: DiffiTLatent, what: str = "checkpoint"):
-  """Released-layout state dict -> our params for `model` (names and shapes checked)."""
+  """Released-layout state dict -> our params for `model` (names and shapes checked; stacked blocks for a
+  `scan_blocks=True` model)."""
+  if _scanned(model):
+    return for_model(torch_state_to_params(state, model.clone(scan_blocks=False), what), model)
   flat_abs = io.flatten(abstract_params(model))
   want = {_torch_name(k): k for k in flat_abs}
   found = {k: v for k, v in state.items() if not k.endswith(BUFFERS)}
@@ -126,7 +150,8 @@ def _check_buffers(state: Mapping[str, np.ndarray], model: DiffiTLatent) -> None
 
 def params_to_torch_state(params, model: DiffiTLatent, with_buffers: bool = True) -> Dict[str, np.ndarray]:
   """Our params -> released-layout state dict (with `pos_embed` / `relative_position_index` buffers)."""
-  out = {_torch_name(k): _to_torch(k, v) for k, v in io.flatten(jax.device_get(params)).items()}
+  params = to_per_block(jax.device_get(params), model)
+  out = {_torch_name(k): _to_torch(k, v) for k, v in io.flatten(params).items()}
   if with_buffers:
     g = model.input_size // model.patch_size
     out["pos_embed"] = get_2d_sincos_pos_embed(model.hidden_size, g)[None]
@@ -184,9 +209,11 @@ def _plain(x):
 def save_trained(directory: str, params, model_config: Mapping[str, Any], extra: Mapping[str, Any] = None,
                  model=None) -> None:
   """Writes a trained denoiser to `directory`: config.json ({"_class_name", "model": model_config, **extra})
-  and model.safetensors; with a `DiffiTLatent` `model`, also diffit.safetensors in the released layout."""
+  and model.safetensors; with a `DiffiTLatent` `model`, also diffit.safetensors in the released layout. The
+  params are written per block (`blocks_<i>`) also from a `scan_blocks=True` model, so one export loads into
+  either form."""
   import os
-  params = jax.device_get(params)
+  params = to_per_block(jax.device_get(params), model)
   os.makedirs(directory, exist_ok=True)
   io.save_state_dict(io.flatten(params), os.path.join(directory, EXPORT_WEIGHTS))
   io.write_json({"_class_name": EXPORT_CLASS, "model": _plain(model_config), **_plain(dict(extra or {}))},
@@ -219,9 +246,10 @@ def load_trained(directory: str, **model_overrides) -> Tuple[Any, Any, Dict[str,
   x = jax.ShapeDtypeStruct((1, size, size, channels), np.float32)
   t = jax.ShapeDtypeStruct((1,), np.float32)
   y = jax.ShapeDtypeStruct((1,), np.int32) if int(cfg.get("num_classes", 0)) else None
-  want = io.flatten(jax.eval_shape(lambda x, t, y: model.init(jax.random.key(0), x, t, y), x, t, y)["params"])
+  per_block = model.clone(scan_blocks=False) if _scanned(model) else model  # the layout save_trained writes
+  want = io.flatten(jax.eval_shape(lambda x, t, y: per_block.init(jax.random.key(0), x, t, y), x, t, y)["params"])
   io.check_names(want, flat, f"exported model {directory}")
   for k, v in want.items():
     io.check_shape(k, np.shape(flat[k]), v.shape)
   params = io.unflatten({k: np.asarray(flat[k], v.dtype) for k, v in want.items()})
-  return model, params, cfg
+  return model, for_model(params, model), cfg

@@ -36,12 +36,12 @@ def weights(tmp_path_factory):
   return path
 
 
-def _cfg(weights, n=8):
+def _cfg(weights, n=4):
   cfg = importlib.import_module("configs.diffit_shapes").get_config("tiny")
   cfg.data.num_test = 200
   cfg.eval.num_samples = n
-  cfg.eval.batch_size = 4   # the sampler's batches
-  cfg.eval.fid_batch_size = 8
+  cfg.eval.batch_size = 2   # the sampler's batches (two of them)
+  cfg.eval.fid_batch_size = 4
   cfg.eval.fid_feature = "none"
   cfg.eval.inception_path = weights
   cfg.eval.allow_few_samples = True
@@ -50,14 +50,14 @@ def _cfg(weights, n=8):
 
 
 def test_eval_writes_npz_and_fid_against_cached_reference(weights, monkeypatch, tmp_path, capsys):
-  """Samples := test images 100..107, reference := test images 0..7. Checks the .npz, that FID equals
+  """Samples := test images 100..103, reference := test images 0..3. Checks the .npz, that FID equals
   features -> np.cov -> Frechet computed directly, and that the reference statistics are cached."""
   exp = get_experiment(_cfg(weights))
   src = exp._source("test", 0)
-  other = np.stack([np.asarray(src[100 + i]["image"]) for i in range(8)])
-  ref = np.stack([np.asarray(src[i]["image"]) for i in range(8)])
+  other = np.stack([np.asarray(src[100 + i]["image"]) for i in range(4)])
+  ref = np.stack([np.asarray(src[i]["image"]) for i in range(4)])
   assert other.dtype == np.uint8 and other.shape[1:] == (exp.image_size, exp.image_size, 3)
-  batches = iter([other[:4], other[4:]])
+  batches = iter([other[:2], other[2:]])
   monkeypatch.setattr(exp, "generate", lambda p, f, r, labels=None, num=None, **k:
                       jnp.asarray(next(batches) / 127.5 - 1.0, jnp.float32))
   calls = []
@@ -68,8 +68,8 @@ def test_eval_writes_npz_and_fid_against_cached_reference(weights, monkeypatch, 
   with np.load(out["samples_npz"]) as z:
     assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == other.shape
     np.testing.assert_array_equal(z["arr_0"], other)  # uint8 -> [-1, 1] -> uint8 is exact
-    np.testing.assert_array_equal(z["arr_1"], np.arange(8) % exp.num_classes)
-  assert out["fid_resize"] == "pytorch_fid" and out["fid_num_samples"] == 8 and out["fid_num_reference"] == 8
+    np.testing.assert_array_equal(z["arr_1"], np.arange(4) % exp.num_classes)
+  assert out["fid_resize"] == "pytorch_fid" and out["fid_num_samples"] == 4 and out["fid_num_reference"] == 4
   ext = exp._fid.extractor
   a, b = ext(other).astype(np.float64), ext(ref).astype(np.float64)
   want = fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
@@ -83,12 +83,12 @@ def test_eval_writes_npz_and_fid_against_cached_reference(weights, monkeypatch, 
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   np.savez(tmp_path / "ref.npz", arr_0=ref)
-  script.main([out["samples_npz"], str(tmp_path / "ref.npz"), "--inception", weights, "--batch", "8",
+  script.main([out["samples_npz"], str(tmp_path / "ref.npz"), "--inception", weights, "--batch", "4",
                "--allow_few_samples", "--no_shard"])
   res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert res["fid"] == pytest.approx(want, rel=1e-6) and res["resize"] == "pytorch_fid"
 
-  assert calls == [8]
+  assert calls == [4]
   cache = [p for p in (tmp_path / "eval").iterdir() if p.name.startswith("reference_stats")]
   assert len(cache) == 1
   meta = {"data": exp.data_name, "split": "test"}

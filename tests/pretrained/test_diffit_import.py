@@ -147,3 +147,37 @@ def test_generation_init_from_released_layout(tmp_path):
   for (ka, a), (kb, b) in zip(io.flatten(got).items(), io.flatten(jax.device_get(params)).items()):
     assert ka == kb
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0)
+
+
+def test_generation_init_from_released_layout_into_scanned_blocks(tmp_path):
+  """`model.scan_blocks=True` + `config.init_from`: the released per-block checkpoint arrives stacked on the
+  depth axis (`blocks/block/...`), block i's weights at index i, and the scanned network computes what the
+  per-block one does with the same weights."""
+  import importlib
+  from diffusion_jax.experiments.base import get_experiment
+  from diffusion_jax.models.diffit import DiffiTLatent
+  from diffusion_jax.models.dit import unscan_block_params
+  cfg = importlib.import_module("configs.diffit_imagenet256").get_config("tiny")
+  m = cfg.model
+  model = DiffiTLatent(input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels,
+                       hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads, num_classes=m.num_classes)
+  x = jax.random.normal(jax.random.key(1), (2, m.input_size, m.input_size, m.in_channels))
+  t, y = jnp.array([0.2, 0.7]), jnp.array([1, 2])
+  params = jax.jit(model.init)(jax.random.key(7), x, t, y)["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: a + 0.05 * rng.standard_normal(a.shape).astype(a.dtype), params)
+  path = str(tmp_path / "released.safetensors")
+  P.save_diffit(path, params, model)
+  cfg.init_from = path
+  cfg.model.scan_blocks = True
+  exp = get_experiment(cfg)
+  like = jax.eval_shape(exp.init, jax.random.key(0), {}, {})
+  assert "blocks" in like and "blocks_0" not in like
+  got = exp.load_params(like)
+  assert set(io.flatten(got)) == set(io.flatten(like))
+  back = unscan_block_params(got)
+  for k, v in io.flatten(jax.device_get(params)).items():
+    np.testing.assert_array_equal(np.asarray(io.flatten(back)[k]), np.asarray(v), err_msg=k)
+  want = model.apply({"params": params}, x, t, y)
+  out = exp.model.apply({"params": jax.tree.map(jnp.asarray, got)}, x, t, y)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
