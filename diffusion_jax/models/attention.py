@@ -22,8 +22,15 @@ Implementations (`IMPLEMENTATIONS`):
 * "auto": per platform at trace time: CPU -> "chunked" from `AUTO_CPU_CHUNK_MIN_SCORES` score elements on
   (the full score matrix no longer fits in cache and XLA:CPU spends its time writing it), else "xla"; GPU ->
   "dot_product_attention" (cuDNN for bf16/fp16); TPU -> "xla" up to `AUTO_TPU_CHUNK_MIN_KEYS` keys, else
-  "chunked". No Pallas/splash kernel is shipped: there is no TPU to test it on, and an untested kernel is
-  worse than none; "chunked" is the long-sequence path there.
+  "chunked". "auto" never picks "splash" (below): it has not run on a TPU.
+* "splash": the TPU Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`, the
+  flash kernel maxtext / maxdiffusion use), opt-in by name. q is scaled before the kernel, the head width is
+  zero-padded to a multiple of 128 and the sequences to whole blocks (at most `SPLASH_BLOCK`; padded keys are
+  masked, padded queries dropped), one kernel per example (vmap), and under a mesh with batch axes
+  (`jax.set_mesh`, as the trainer runs) the batch is split over ("data", "fsdp") by `shard_map`, since a
+  Pallas call is not partitioned automatically. Off TPU the same kernel runs in Pallas interpret mode (correct,
+  slow: what the tests use). Calls the kernel cannot express (an additive bias, a boolean mask, Hv != H) use
+  "xla" instead.
 
 The choice: an explicit `implementation=` argument wins; else the innermost `use(name)` context (every
 top-level model with an `attention` field opens one around its body); else the process default
@@ -43,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLEMENTATIONS = ("auto", "xla", "dot_product_attention", "chunked")
+IMPLEMENTATIONS = ("auto", "xla", "dot_product_attention", "chunked", "splash")
 
 # "auto" thresholds and chunk sizes, measured on a 2-core x86 CPU (docs/speed.md): XLA:CPU is fastest on a
 # score matrix that fits in cache and slow once it has to write a large one (first-touch of a fresh buffer),
@@ -145,6 +152,10 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
     return _xla(q, k, v, bias, mask, causal, scale)
   if impl == "dot_product_attention" and v.shape[-1] == q.shape[-1]:  # jax.nn needs Hv == H
     return _jax_nn(q, k, v, bias, mask, causal, scale)
+  if impl == "splash":
+    if splash_supported(q, k, v, bias, mask):
+      return _splash(q, k, v, causal, scale)
+    return _xla(q, k, v, bias, mask, causal, scale)
   if impl != "chunked":
     return _xla(q, k, v, bias, mask, causal, scale)
   key_chunk = int(key_chunk or DEFAULT_KEY_CHUNK)
@@ -215,6 +226,74 @@ def _jax_nn(q, k, v, bias, mask, causal, scale):
     bias, mask = (add if bias is None else bias + add), None
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal,
                                       implementation=impl)
+
+
+# ------------------------------------------------------------------------------------------------- splash
+
+SPLASH_BLOCK = 512  # largest query / key block of the splash kernel (blocks are multiples of 128)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def splash_supported(q, k, v, bias=None, mask=None) -> bool:
+  """Whether "splash" runs this call as the kernel (else it falls back to "xla"): no additive bias, no
+  boolean mask (causal is fine), Hv == H."""
+  return bias is None and mask is None and v.shape[-1] == q.shape[-1]
+
+
+def _splash_blocks(t: int, s: int):
+  bq = min(SPLASH_BLOCK, _round_up(t, 128))
+  bk = min(SPLASH_BLOCK, _round_up(s, 128))
+  return bq, bk, _round_up(t, bq), _round_up(s, bk)
+
+
+def _splash_kernel(n: int, t: int, s: int, causal: bool, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  bq, bk, tp, sp = _splash_blocks(t, s)
+  if not causal and sp == s:
+    head_mask = sm.FullMask((tp, sp))
+  else:  # padded keys masked out; causal as in `_causal_mask` (query i sees keys j <= i)
+    keep = np.zeros((tp, sp), bool)
+    keep[:, :s] = True
+    if causal:
+      keep &= np.arange(tp)[:, None] >= np.arange(sp)[None, :]
+    head_mask = sm.NumpyMask(keep)
+  blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                         block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+  return sk.make_splash_mha(sm.MultiHeadMask([head_mask] * n), block_sizes=blocks, head_shards=1,
+                            q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q, k, v, causal, scale):
+  """(B, T, N, H) -> (B, T, N, H) through the kernel, on one device's share of the batch."""
+  b, t, n, h = q.shape
+  s = k.shape[1]
+  _, _, tp, sp = _splash_blocks(t, s)
+  hp = _round_up(h, 128)
+  kernel = _splash_kernel(n, t, s, causal, interpret=jax.default_backend() != "tpu")
+
+  def prep(a, length):  # (B, L, N, H) -> (B, N, Lp, Hp), zero padded
+    a = jnp.swapaxes(a, 1, 2)
+    return jnp.pad(a, ((0, 0), (0, 0), (0, length - a.shape[2]), (0, hp - h)))
+
+  qs = (q.astype(jnp.float32) * jnp.float32(scale)).astype(q.dtype)
+  o = jax.vmap(kernel)(prep(qs, tp), prep(k, sp), prep(v, sp))
+  return jnp.swapaxes(o[:, :, :t, :h], 1, 2).astype(q.dtype)
+
+
+def _splash(q, k, v, causal, scale):
+  from jax.sharding import PartitionSpec as P
+  fn = functools.partial(_splash_local, causal=causal, scale=scale)
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in ("data", "fsdp") if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
+  shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  if shards == 1 or q.shape[0] % shards:
+    return fn(q, k, v)
+  spec = P(axes)
+  return jax.shard_map(fn, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
 # ------------------------------------------------------------------------------------------------ chunked

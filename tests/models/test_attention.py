@@ -194,8 +194,8 @@ def test_default_scope_and_config(monkeypatch):
     assert calls[-1] == "_xla"
   A.dot_product_attention(q, k, v)
   assert calls[-1] == "_chunked"
-  with pytest.raises(ValueError, match="Unknown attention implementation 'splash'"):
-    A.configure({"attention": "splash"})
+  with pytest.raises(ValueError, match="Unknown attention implementation 'flash'"):
+    A.configure({"attention": "flash"})
 
 
 def test_base_config_has_the_key():
