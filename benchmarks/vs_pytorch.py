@@ -20,7 +20,9 @@ Rows (fp32, CPU; torch uses its default intra-op threads, XLA its own pool):
   AdamW train step, against diffusers' `DiTTransformer2DModel` of the same architecture (its own random
   weights: the two ports name and lay out weights differently; speed does not depend on the values);
 * SD-1.5-sized UNet forward at 64x64x4 latents, batch 1, 77-token context: each framework in its own
-  subprocess, so the process peak RSS (`ru_maxrss`) is that framework's alone (weights + compile + run).
+  subprocess, so the process peak RSS (`ru_maxrss`) is that framework's alone (weights + compile + run). JAX
+  compiles from the parameters' shapes before the weights exist; both sides then return freed set-up memory
+  to the OS (`diffusion_jax.host_memory.release()`, as our trainer does after compiling) before the runs.
 
 Threads: `--threads N` pins both frameworks to N CPU threads (the fair setting on a shared machine; see
 --help). Timing: every row runs both sides `--repeats` times interleaved (A B, then B A, ...), after warm-up (and, for
@@ -42,6 +44,8 @@ import sys
 import time
 
 import numpy as np
+
+from diffusion_jax import host_memory
 
 ROWS = ("attention", "unet", "ddim", "train", "dit", "sd15")
 
@@ -328,13 +332,18 @@ def child_sd15(side, iters):
       fan_in = math.prod(a.shape[:-1]) if len(a.shape) > 1 else a.shape[0]
       return jnp.asarray(rng.standard_normal(a.shape, np.float32) / np.sqrt(fan_in))
 
-    params = jax.tree_util.tree_map_with_path(make, abstract_unet_params(cfg))
+    abstract = abstract_unet_params(cfg)
     model = UNet2DConditionModel(cfg)
     fwd = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
-    args = (params, jnp.asarray(x), jnp.asarray([500]), jnp.asarray(ctx))
+    inputs = (jnp.asarray(x), jnp.asarray([500]), jnp.asarray(ctx))
+    # compiled from the parameters' shapes before the weights exist, and the compiler's freed memory handed
+    # back, so the compiler's transient memory and the weights are not resident at the same time (the
+    # weights' NumPy temporaries are handed back below, with torch's)
     t0 = time.perf_counter()
-    compiled = fwd.lower(*args).compile()
+    compiled = fwd.lower(abstract, *inputs).compile()
     comp = time.perf_counter() - t0
+    host_memory.release()
+    args = (jax.tree_util.tree_map_with_path(make, abstract),) + inputs
     run = lambda: jax.block_until_ready(compiled(*args))
   else:
     import diffusers
@@ -347,12 +356,15 @@ def child_sd15(side, iters):
     def run():
       with torch.no_grad():
         tm(tx, torch.tensor([500]), tc)
+  # both sides hand freed set-up memory (XLA's compile, the weights' construction) back to the OS before running
+  host_memory.release()
   run()
   for _ in range(iters):
     t0 = time.perf_counter()
     run()
     times.append(time.perf_counter() - t0)
-  print(json.dumps({"side": side, "times": times, "compile": comp, "rss_gib": _rss_gib()}), flush=True)
+  print(json.dumps({"side": side, "times": times, "compile": comp, "rss_gib": _rss_gib(),
+                    "torch_imported": "torch" in sys.modules}), flush=True)
 
 
 def row_sd15(args):
@@ -366,6 +378,8 @@ def row_sd15(args):
     d = json.loads(out)
     res[side] = d["times"]
     rss[side] = d["rss_gib"]
+    if side == "jax" and d["torch_imported"]:
+      raise RuntimeError("torch was imported in the JAX process of the SD-1.5 row: its peak RSS would not be JAX's.")
     comp = d["compile"] if side == "jax" else comp
   return [dict(row="SD-1.5 UNet fwd (64x64x4, batch 1)", jax=statistics.median(res["jax"]),
                torch=statistics.median(res["torch"]), compile=comp),
@@ -402,8 +416,9 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                f"intra_op_parallelism_threads={args.threads}").strip()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
-    torch.set_num_threads(args.threads)
+    if args._child != "jax":  # the JAX child of the SD-1.5 row must not carry torch (its peak RSS is JAX's alone)
+      import torch
+      torch.set_num_threads(args.threads)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from diffusion_jax.models import attention as A
   A.set_default(args.attention)
