@@ -1,7 +1,7 @@
 """What the tiny-UNet AdamW train step's gap to PyTorch is made of: the step split into forward, backward and
 optimizer, timed side by side, then per-op profiles of forward + backward of both frameworks.
 
-    python benchmarks/unet_step_profile.py [--repeats 5] [--threads 1]
+    python benchmarks/unet_step_profile.py [--repeats 5] [--threads 1] [--model unet|dit]
 
 The tiny UNet2DCondition of benchmarks/vs_pytorch.py (same weights both sides, batch 8, 32x32x4, 77-token
 context), epsilon MSE, AdamW. Phases (interleaved medians, JAX jitted, torch eager):
@@ -31,6 +31,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+LAYOUT_OPS = ("transpose", "copy", "bitcast", "concatenate", "slice", "pad", "reverse", "dynamic-slice",
+              "dynamic", "update", "broadcast", "reshape")
+
+
 def _jax_class(name: str, in_loop: bool) -> str:
   """XLA:CPU thunk -> op class. Everything inside a `while` thunk is the chunked attention (the UNet has no
   other loop); `ynn_fusion` are YNNPACK kernels (convolutions and matmuls, with fused neighbours)."""
@@ -38,7 +42,8 @@ def _jax_class(name: str, in_loop: bool) -> str:
     return "attention"
   if name.startswith("ynn") or name in ("dot", "convolution") or name.startswith("dot_"):
     return "convolutions + matmuls"
-  if any(k in name for k in ("transpose", "copy", "bitcast", "concatenate", "slice", "pad", "reverse")):
+  ops = [k for k in name.split("_") if k and k != "fusion"]  # XLA names a fusion after the ops in it
+  if ops and all(k in LAYOUT_OPS for k in ops):  # only data movement (an add_bitcast_fusion is an add)
     return "copies / layout / transposes"
   return "elementwise + norms + reductions"
 
@@ -101,6 +106,8 @@ def main(argv=None):
   ap.add_argument("--threads", type=int, default=1)
   ap.add_argument("--profile_runs", type=int, default=3)
   ap.add_argument("--profile_only", action="store_true", help="skip the timed phases")
+  ap.add_argument("--model", choices=("unet", "dit"), default="unet",
+                  help="the tiny UNet2DCondition or the 7.4M DiT of benchmarks/vs_pytorch.py")
   args = ap.parse_args(argv)
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                              f"intra_op_parallelism_threads={args.threads}").strip()
@@ -117,12 +124,34 @@ def main(argv=None):
   import numpy as np
   import optax
 
-  cfg, model, params, tm, x, ctx = vs._tiny_unet(8)
-  r = np.random.default_rng(3)
-  noise = r.standard_normal(x.shape, np.float32)
-  t = r.integers(0, 1000, (8,)).astype(np.int32)
-  jx, jt, jc, jn = map(jnp.asarray, (x, t, ctx, noise))
-  loss_fn = lambda p: jnp.mean((model.apply({"params": p}, jx, jt, jc) - jn) ** 2)
+  if args.model == "unet":
+    cfg, model, params, tm, x, ctx = vs._tiny_unet(8)
+    r = np.random.default_rng(3)
+    noise = r.standard_normal(x.shape, np.float32)
+    t = r.integers(0, 1000, (8,)).astype(np.int32)
+    jb = tuple(map(jnp.asarray, (x, t, ctx)))
+    tb = (vs._nchw(x), torch.from_numpy(t).long(), torch.from_numpy(ctx))
+    call_torch = lambda a, b, c: tm(a, b, c).sample
+    label = "Tiny UNet AdamW train step, batch 8"
+  else:  # the DiT row of vs_pytorch.py (diffusers' DiTTransformer2DModel of the same architecture)
+    import diffusers
+    from diffusion_jax.models.dit import DiT
+    model = DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=256, depth=6, num_heads=4, num_classes=10)
+    r = np.random.default_rng(4)
+    x = r.standard_normal((8, 32, 32, 4), np.float32)
+    t = r.integers(0, 1000, (8,)).astype(np.float32)
+    y = r.integers(0, 10, (8,)).astype(np.int32)
+    noise = r.standard_normal((8, 32, 32, 8), np.float32)
+    jb = tuple(map(jnp.asarray, (x, t, y)))
+    params = model.init(jax.random.PRNGKey(0), *jb)["params"]
+    tm = diffusers.DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=64, in_channels=4,
+                                         out_channels=8, num_layers=6, sample_size=32, patch_size=2,
+                                         num_embeds_ada_norm=10)
+    tb = (vs._nchw(x), torch.from_numpy(t), torch.from_numpy(y).long())
+    call_torch = lambda a, b, c: tm(a, timestep=b, class_labels=c).sample
+    label = "DiT (7.4M) AdamW train step, batch 8"
+  jn = jnp.asarray(noise)
+  loss_fn = lambda p: jnp.mean((model.apply({"params": p}, *jb) - jn) ** 2)
   tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
   j_fwd = jax.jit(loss_fn)
   j_grad = jax.jit(jax.value_and_grad(loss_fn))
@@ -132,7 +161,7 @@ def main(argv=None):
     upd, opt = tx.update(g, opt, p)
     return optax.apply_updates(p, upd), opt
 
-  _, j_step = vs._jax_train_step(lambda p, x, t, c, n: (model.apply({"params": p}, x, t, c), n))
+  _, j_step = vs._jax_train_step(lambda p, a, b, c, n: (model.apply({"params": p}, a, b, c), n))
   opt = tx.init(params)
   g = j_grad(params)[1]
   comp = {}
@@ -144,7 +173,7 @@ def main(argv=None):
   state = [jax.tree.map(jnp.copy, params), tx.init(params)]
 
   def jax_step():
-    state[0], state[1], loss = j_step(state[0], state[1], jx, jt, jc, jn)
+    state[0], state[1], loss = j_step(state[0], state[1], *jb, jn)
     loss.block_until_ready()
 
   if not args.profile_only:
@@ -154,10 +183,10 @@ def main(argv=None):
 
   tm.train()
   topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-  tx_, tt, tc, tn = vs._nchw(x), torch.from_numpy(t).long(), torch.from_numpy(ctx), vs._nchw(noise)
+  tn = vs._nchw(noise)
 
   def t_fwd():
-    return torch.nn.functional.mse_loss(tm(tx_, tt, tc).sample, tn)
+    return torch.nn.functional.mse_loss(call_torch(*tb), tn)
 
   def t_grad():
     topt.zero_grad(set_to_none=True)
@@ -180,7 +209,7 @@ def main(argv=None):
          ("jax", "step"): jax_step,
          ("torch", "step"): t_step}
   med = _interleave(fns, args.repeats)
-  print(f"\nTiny UNet AdamW train step, batch 8, fp32, {args.threads} thread(s), JAX {jax.__version__}, torch "
+  print(f"\n{label}, fp32, {args.threads} thread(s), JAX {jax.__version__}, torch "
         f"{torch.__version__}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; median of "
         f"{args.repeats} interleaved runs\n")
   print("| phase | JAX ms | PyTorch ms | JAX / PyTorch | JAX compile s |")

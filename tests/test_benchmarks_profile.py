@@ -29,6 +29,11 @@ def test_self_times_resolve_nesting_and_loops():
                  ("attention", "ynn_fusion"): 0.15,
                  ("attention", "subtract_exponential_fusion"): 0.05,
                  ("elementwise + norms + reductions", "broadcast_multiply_fusion"): 0.025}
+  # a fusion is layout work only if every op it is named after moves data
+  assert prof._jax_class("bitcast_pad_fusion", False) == "copies / layout / transposes"
+  assert prof._jax_class("copy", False) == "copies / layout / transposes"
+  assert prof._jax_class("add_bitcast_fusion", False) == "elementwise + norms + reductions"
+  assert prof._jax_class("copy_add_fusion", False) == "elementwise + norms + reductions"
   assert prof._torch_class("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention"
   assert prof._torch_class("aten::convolution_backward") == "convolutions + matmuls"
   assert prof._torch_class("aten::copy_") == "copies / layout / transposes"

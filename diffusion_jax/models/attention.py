@@ -20,7 +20,9 @@ Implementations (`IMPLEMENTATIONS`):
   (B, N, query_chunk, key_chunk) block of scores exists at a time, forward and backward (custom VJP that
   recomputes the block from the saved log-sum-exp). Any backend; the one for long sequences.
 * "auto": per platform at trace time: CPU -> "chunked" from `AUTO_CPU_CHUNK_MIN_SCORES` score elements on
-  (the full score matrix no longer fits in cache and XLA:CPU spends its time writing it), else "xla"; GPU ->
+  (the full score matrix no longer fits in cache and XLA:CPU spends its time writing it), except for heads of
+  `AUTO_CPU_WIDE_HEAD` features or more below `AUTO_CPU_WIDE_HEAD_MAX_SCORES` (more FLOPs per score: the full
+  matrix is faster), else "xla"; GPU ->
   "dot_product_attention" (cuDNN for bf16/fp16); TPU -> "xla" up to `AUTO_TPU_CHUNK_MIN_KEYS` keys, else
   "chunked". "auto" never picks "splash" (below): it has not run on a TPU.
 * "splash": the TPU Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`, the
@@ -54,8 +56,15 @@ IMPLEMENTATIONS = ("auto", "xla", "dot_product_attention", "chunked", "splash")
 
 # "auto" thresholds and chunk sizes, measured on a 2-core x86 CPU (docs/speed.md): XLA:CPU is fastest on a
 # score matrix that fits in cache and slow once it has to write a large one (first-touch of a fresh buffer),
-# so "auto" chunks from AUTO_CPU_CHUNK_MIN_SCORES score elements (B * N * T * S; 8 MiB of float32) on.
+# so "auto" chunks from AUTO_CPU_CHUNK_MIN_SCORES score elements (B * N * T * S; 8 MiB of float32) on -- for
+# narrow heads. Heads of AUTO_CPU_WIDE_HEAD or more features do 4x+ the FLOPs per score written, and there the
+# full matrix was faster at every size measured (fwd + bwd, 1 thread: (8, 256, 4, 64) 1.23x, (32, 256, 4, 64)
+# 2.14x, (8, 1024, 4, 64) 1.46x, (4, 256, 8, 160) 1.56x slower chunked; width 40 and 16 were 0.86-0.92x and
+# 0.51-0.68x), so they stay on "xla" until the scores reach AUTO_CPU_WIDE_HEAD_MAX_SCORES (256 MiB of
+# float32), where memory decides.
 AUTO_CPU_CHUNK_MIN_SCORES = 2 ** 21
+AUTO_CPU_WIDE_HEAD = 64
+AUTO_CPU_WIDE_HEAD_MAX_SCORES = 2 ** 26
 AUTO_TPU_CHUNK_MIN_KEYS = 8192
 DEFAULT_KEY_CHUNK = 256
 BLOCK_SCORES = 2 ** 19  # query chunk (when not given): about this many score elements per (B, N, tq, tk) block
@@ -105,8 +114,11 @@ def resolve(name: Optional[str], q_shape, key_len: int, platform: Optional[str] 
     return "dot_product_attention"
   if platform == "tpu":
     return "chunked" if key_len > AUTO_TPU_CHUNK_MIN_KEYS else "xla"
-  b, t, n, _ = q_shape
-  return "chunked" if b * n * t * key_len >= AUTO_CPU_CHUNK_MIN_SCORES else "xla"
+  b, t, n, h = q_shape
+  scores = b * n * t * key_len
+  if scores < AUTO_CPU_CHUNK_MIN_SCORES or (h >= AUTO_CPU_WIDE_HEAD and scores < AUTO_CPU_WIDE_HEAD_MAX_SCORES):
+    return "xla"
+  return "chunked"
 
 
 def _neg(dtype=jnp.float32):

@@ -167,6 +167,10 @@ def test_auto_choice_per_platform():
   small, big = (8, 256, 2, 32), (8, 1024, 2, 16)
   assert A.resolve("auto", small, 256, "cpu") == "xla"
   assert A.resolve("auto", big, 1024, "cpu") == "chunked"
+  # wide heads (64+ features) keep the full score matrix on CPU until it is 2^26 elements
+  assert A.resolve("auto", (8, 1024, 4, 64), 1024, "cpu") == "xla"
+  assert A.resolve("auto", (8, 1024, 4, 40), 1024, "cpu") == "chunked"
+  assert A.resolve("auto", (16, 2048, 8, 64), 2048, "cpu") == "chunked"  # 2^29 scores: memory decides
   assert A.resolve("auto", big, 1024, "gpu") == "dot_product_attention"
   assert A.resolve("auto", big, 1024, "tpu") == "xla"
   assert A.resolve("auto", big, 16384, "tpu") == "chunked"
