@@ -31,8 +31,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-LAYOUT_OPS = ("transpose", "copy", "bitcast", "concatenate", "slice", "pad", "reverse", "dynamic-slice",
-              "dynamic", "update", "broadcast", "reshape")
+# the ops a fusion name can be made of that only move data ("dynamic_update_slice" splits into three of them)
+LAYOUT_OPS = ("transpose", "copy", "bitcast", "concatenate", "slice", "pad", "reverse", "dynamic", "update",
+              "broadcast", "reshape")
 
 
 def _jax_class(name: str, in_loop: bool) -> str:

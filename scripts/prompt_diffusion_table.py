@@ -43,20 +43,16 @@ if ROOT not in sys.path:
 
 from diffusion_jax.experiments.prompt_diffusion import FORWARD_TEXT, SEEN_TASKS as SEEN, UNSEEN_TASKS  # noqa: E402
 from scripts.diffit_ablation_table import _ms  # noqa: E402
-from scripts.mt_diffusion_table import _load, _run_cmd  # noqa: E402
+from scripts.mt_diffusion_table import _load, _run_cmd, is_done, read_eval, workdir  # noqa: E402
 
 CONFIG = "configs/prompt_diffusion_shapes.py"
 INVERSE = tuple(t for t in SEEN if t not in FORWARD_TEXT)
 # the measured run's budget (docs/prompt_diffusion.md), the defaults of `run`
 DEFAULT_OVERRIDES = ("--config.data.num_train=4000", "--config.data.num_test=50", "--config.eval.num_examples=50")
-# (metric suffix, label, lower is better)
+# (metric suffix in eval_results.json, row label)
 INVERSE_METRICS = (("shapes_fd", "shapes FD to the true images ↓"), ("map_agreement", "agreement with the query map ↑"),
                    ("class_accuracy", "parser class accuracy ↑"), ("rmse", "RMSE [0, 1] ↓"))
 FORWARD_METRICS = (("rmse", "RMSE to the true map [0, 1] ↓"),)
-
-
-def workdir(root: str, variant: str, seed: int) -> str:
-  return os.path.join(root, f"{variant}_s{seed}")
 
 
 def train_command(root, variant, seed, steps, base, net="", overrides=DEFAULT_OVERRIDES):
@@ -71,19 +67,6 @@ def train_command(root, variant, seed, steps, base, net="", overrides=DEFAULT_OV
   if net:
     cmd.append(f"--config.eval.shapes_fd_path={net}")
   return cmd + list(overrides)
-
-
-def read_eval(root, variant, seed):
-  p = os.path.join(workdir(root, variant, seed), "eval_results.json")
-  if not os.path.exists(p):
-    return None
-  with open(p) as f:
-    return json.load(f)
-
-
-def is_done(root, variant, seed, steps) -> bool:
-  ev = read_eval(root, variant, seed)
-  return ev is not None and int(ev.get("step", -1)) == steps
 
 
 def run_all(root, seeds, steps, base, net="", cnft=SEEN, overrides=DEFAULT_OVERRIDES):
