@@ -626,12 +626,14 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
   compiled = run.lower_step().compile()
   compile_s = time.time() - t0
   released = host_memory.release()  # the compiler's freed heap, which glibc would keep resident for the run
-  logging.info("Compiled the train step in %.2f s%s.", compile_s,
+  step_flops = compiled_flops(compiled)
+  logging.info("Compiled the train step in %.2f s%s%s.", compile_s,
+               f"; {step_flops / 1e9:.3g} GFLOP per step (XLA cost analysis)" if step_flops else "",
                f" ({released / 2 ** 20:.0f} MiB of freed compile memory returned to the OS)" if released else "")
   if is_main:
     with paths.open(paths.join(workdir, "run_info.json"), "w") as f:
       json.dump({"num_params": n_params, "num_frozen": n_frozen, "param_groups": run.group_counts,
-                 "compile_time_s": compile_s, "mesh": dict(run.mesh.shape),
+                 "compile_time_s": compile_s, "step_flops": step_flops, "mesh": dict(run.mesh.shape),
                  "num_devices": jax.device_count(), "num_processes": jax.process_count(),
                  "platform": jax.devices()[0].platform, "jax_version": jax.__version__,
                  "start_step": start, "exact_resume": exact_resume,
@@ -754,6 +756,20 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
 
 
 # ------------------------------------------------------------------------------------------------ modes
+
+
+def compiled_flops(compiled) -> Optional[float]:
+  """XLA's cost-analysis FLOP count of one call of a compiled program (per device: the program each device
+  runs), or None where the backend gives none. Counts what XLA will execute (rematerialised forwards included),
+  so MFU from it is "hardware" FLOPs, not the model's analytic count."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pragma: no cover - backends without cost analysis
+    return None
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops is not None and flops > 0 else None
 
 
 def _restore_latest(config, workdir: str, stages: Optional[Dict[str, str]] = None):

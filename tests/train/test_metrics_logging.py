@@ -104,3 +104,30 @@ def test_mode_eval_appends_a_metrics_row(tmp_path):
   row = rows[-1]
   assert row["mode"] == "eval" and row["step"] == 4 and row["eval_sec"] > 0
   assert row["eval/eval_loss"] == out["eval_loss"]
+
+
+def test_compiled_flops_is_xla_count_of_the_program():
+  import jax
+  import jax.numpy as jnp
+  c = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
+  assert trainer.compiled_flops(c) == 2 * 64 * 32 * 16
+
+  class NoCount:
+    def cost_analysis(self):
+      return [{}]
+  assert trainer.compiled_flops(NoCount()) is None
+
+
+def test_run_info_records_the_train_steps_flops(tmp_path):
+  """run_info.json's step_flops is the compiled train step's count per device (the batch is split over the
+  test's 4 simulated devices): each extra example on a device costs a dense forward + backward, 4-12 x params
+  (6 x for matmuls alone), on top of a batch-independent optimizer update."""
+  flops, per_device = {}, {}
+  for batch in (8, 32):
+    wd = str(tmp_path / f"b{batch}")
+    trainer.train(toy.toy_config(**{"train.num_steps": 1, "train.ckpt_every": 0, "data.batch_size": batch}), wd)
+    info = json.load(open(os.path.join(wd, "run_info.json")))
+    flops[batch], per_device[batch], n_params = info["step_flops"], batch / info["num_devices"], info["num_params"]
+  per_example = (flops[32] - flops[8]) / (per_device[32] - per_device[8])
+  assert 4 * n_params <= per_example <= 12 * n_params, (per_example, n_params)
+  assert flops[8] > 2 * n_params * per_device[8]
