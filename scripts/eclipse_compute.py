@@ -6,8 +6,8 @@
 
 One shapes CLIP (stage `clip` of `configs/eclipse_prior.py`, trained once in DIR/clip unless `--clip-workdir`
 names a finished one) and one embedding cache are shared by every prior. Each (objective, seed) prior trains in
-DIR/<objective>_seed<k> with the same architecture, data and batch, for its own number of steps, and is
-evaluated every `--eval-every` steps (`train.eval_every`; R@1 / R@5 / cosine / binding on the held-out
+DIR/<objective>_seed<k> with the same architecture, data, batch and optimizer, for its own number of steps, and
+is evaluated every `--eval-every` steps (`train.eval_every`; R@1 / R@5 / cosine / binding on the held-out
 captions). For every evaluation the script reads, from the run's own records:
 
 * **train FLOPs**: steps x XLA's FLOP count of the compiled train step (`run_info.json` `step_flops`, per
@@ -20,6 +20,10 @@ train seconds to first reach the target R@1, default: 0.95 x the lower of the tw
 can reach it), DIR/compute.json and the plot (R@1 against train FLOPs, mean and spread over seeds, the text
 embedding used as the query as a dashed line), and prints the table. Finished runs are reused; an interrupted
 one resumes.
+
+The learning rate is constant after the warm-up by default (`--schedule`): with a cosine that decays over each
+run's own length, the longer run's early evaluations would be taken at a high learning rate and the shorter
+run's last one fully annealed, which favours the shorter run at equal compute.
 """
 
 from __future__ import annotations
@@ -205,6 +209,9 @@ def main(argv=None):
   ap.add_argument("--variant", default="gap", help="config variant of eclipse_prior (gap, clean or tiny)")
   ap.add_argument("--clip-workdir", default="", help="a finished shapes-CLIP stage dir to share (default DIR/clip)")
   ap.add_argument("--cache", default="", help="an embedding cache root to share (default DIR/cache)")
+  ap.add_argument("--schedule", default="constant", choices=("constant", "warmup_cosine"),
+                  help="learning-rate schedule after the warm-up (default constant: every evaluation is a fair "
+                       "any-time point for both priors; a cosine decays over each run's own length)")
   ap.add_argument("--set", nargs="*", default=[], help="overrides of the prior config, key=value")
   ap.add_argument("--plot", default="", help="where to write the plot (default DIR/compute.png)")
   args = ap.parse_args(argv)
@@ -243,6 +250,7 @@ def main(argv=None):
       cfg.prior.objective, cfg.seed = obj, seed
       cfg.train.num_steps, cfg.train.eval_every = n, args.eval_every
       cfg.train.log_every = int(np.gcd(int(cfg.train.log_every), args.eval_every))
+      cfg.optim.schedule = args.schedule
       _set(cfg, args.set)
       run_wd = os.path.join(wd, f"{obj}_seed{seed}")
       res = _finished(run_wd, n)
