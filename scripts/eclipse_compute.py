@@ -138,18 +138,18 @@ def write_outputs(wd: str, curves, summary: dict, plot: str = "") -> str:
   out = [f"Seeds {','.join(map(str, seeds))}; mean ± sample std over seeds. Train FLOPs: steps x XLA's count of "
          f"the compiled train step; train s: training only (evaluations excluded).", "",
          "**R@1 against training steps**", "",
-         "| step | " + " | ".join(f"{NAMES.get(o, o)} R@1 | GFLOP" for o in objectives) + " |",
+         "| step | " + " | ".join(f"{NAMES.get(o, o)} R@1 | TFLOP" for o in objectives) + " |",
          "|---|" + "---|---|" * len(objectives)]
   steps = sorted({p["step"] for o in objectives for p in summary["mean_curve"][o]})
   for s in steps:
     cells = []
     for o in objectives:
       p = next((p for p in summary["mean_curve"][o] if p["step"] == s), None)
-      cells += [_cell(p["R@1"]) if p else "-", f"{p['train_flops'] / 1e9:.3g}" if p else "-"]
+      cells += [_cell(p["R@1"]) if p else "-", f"{p['train_flops'] / 1e12:.2f}" if p else "-"]
     out.append(f"| {s} | " + " | ".join(cells) + " |")
   if summary["text_R@1"] is not None:
     out += ["", f"CLIP text embedding used directly as the query: R@1 {summary['text_R@1']:.3f}."]
-  out += ["", f"**Equal training compute** ({summary['flops_budget'] / 1e9:.3g} GFLOP, the smallest final budget; "
+  out += ["", f"**Equal training compute** ({summary['flops_budget'] / 1e12:.2f} TFLOP, the smallest final budget; "
           "each prior's last evaluation within it)", "",
           "| prior | step | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
   for o in objectives:
@@ -158,12 +158,12 @@ def write_outputs(wd: str, curves, summary: dict, plot: str = "") -> str:
                " | ".join(_cell(e[k]) for k in METRICS) + " |")
   out += ["", f"**Equal quality**: cost of first reaching R@1 ≥ {summary['target']:.3f} (evaluated every few steps; "
           "the first evaluation at or above it)", "",
-          "| prior | reached | steps | train GFLOP | train s |", "|---|---|---|---|---|"]
+          "| prior | reached | steps | train TFLOP | train s |", "|---|---|---|---|---|"]
   for o in objectives:
     q = summary["equal_quality"][o]
-    gf = [None if v is None else v / 1e9 for v in q["train_flops"]]
+    tf = [None if v is None else v / 1e12 for v in q["train_flops"]]
     out.append(f"| {NAMES.get(o, o)} | {q['reached']}/{q['of']} | {_cell(q['step'], '{:.0f}')} | "
-               f"{_cell(gf, '{:.3g}')} | {_cell(q['train_s'], '{:.1f}')} |")
+               f"{_cell(tf, '{:.2f}')} | {_cell(q['train_s'], '{:.1f}')} |")
   text = "\n".join(out) + "\n"
   with open(os.path.join(wd, "compute.md"), "w") as f:
     f.write(text)
