@@ -41,7 +41,8 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-NAMES = {"eclipse": "ECLIPSE (λ = 0.2)", "diffusion": "Diffusion-Baseline", "projection": "Projection (λ = 0)"}
+from scripts.eclipse_curve import NAMES, _cell  # noqa: E402
+
 METRICS = ("R@1", "R@5", "cosine", "binding_colour", "binding_position")
 
 
@@ -76,21 +77,6 @@ def read_curve(run_wd: str) -> List[Dict[str, float]]:
     point.update({k: float(r[f"eval/{k}"]) for k in METRICS if f"eval/{k}" in r})
     curve.append(point)
   return curve
-
-
-def _mean_std(vals) -> tuple:
-  v = np.asarray([x for x in vals if x is not None and np.isfinite(x)], np.float64)
-  if not len(v):
-    return float("nan"), float("nan")
-  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
-def _cell(vals, fmt="{:.3f}") -> str:
-  m, s = _mean_std(vals)
-  if not np.isfinite(m):
-    return "-"
-  n = len([x for x in vals if x is not None and np.isfinite(x)])
-  return fmt.format(m) if n == 1 else f"{fmt.format(m)} ± {fmt.format(s)}"
 
 
 def at_flops(curve, budget: float) -> Optional[dict]:

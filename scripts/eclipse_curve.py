@@ -40,11 +40,13 @@ def _stats(vals):
   return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
 
 
-def _cell(vals) -> str:
+def _cell(vals, fmt: str = "{:.3f}") -> str:
+  """mean ± sample std of the finite values (just the value when there is one), or "-"."""
   m, s = _stats(vals)
   if not np.isfinite(m):
     return "-"
-  return f"{m:.3f}" if len([v for v in vals if v is not None]) == 1 else f"{m:.3f} ± {s:.3f}"
+  n = len([v for v in vals if v is not None and np.isfinite(v)])
+  return fmt.format(m) if n == 1 else f"{fmt.format(m)} ± {fmt.format(s)}"
 
 
 def write_outputs(wd: str, results, sizes, seeds, objectives, plot: str = "") -> str:

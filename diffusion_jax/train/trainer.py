@@ -755,9 +755,6 @@ def _train_loop(run: _Run, ckpt: Checkpointer, writer: MetricWriter, config, wor
           "exact_resume": exact_resume}
 
 
-# ------------------------------------------------------------------------------------------------ modes
-
-
 def compiled_flops(compiled) -> Optional[float]:
   """XLA's cost-analysis FLOP count of one call of a compiled program (per device: the program each device
   runs), or None where the backend gives none. Counts what XLA will execute (rematerialised forwards included),
@@ -770,6 +767,9 @@ def compiled_flops(compiled) -> Optional[float]:
     cost = cost[0] if cost else None
   flops = (cost or {}).get("flops")
   return float(flops) if flops is not None and flops > 0 else None
+
+
+# ------------------------------------------------------------------------------------------------ modes
 
 
 def _restore_latest(config, workdir: str, stages: Optional[Dict[str, str]] = None):

@@ -50,7 +50,7 @@ def test_read_curve_refuses_runs_it_cannot_place_on_the_axes(tmp_path):
 
 def test_equal_compute_and_equal_quality(tmp_path):
   # ECLIPSE: cheap steps, good early; diffusion: 2x the FLOPs per step, slow to improve.
-  e = {s: {100: 0.20, 200: 0.30}[s] for s in (100, 200)}
+  e = {100: 0.20, 200: 0.30}
   d0 = {100: 0.05, 200: 0.10, 300: 0.15, 400: 0.25}
   d1 = {100: 0.05, 200: 0.12, 300: 0.20, 400: 0.27}
   curves = {"eclipse": {0: C.read_curve(_fake_run(str(tmp_path / "e0"), e)),
